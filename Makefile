@@ -26,7 +26,7 @@ test: $(STAMP) check-export check-readme
 export: $(STAMP)
 	$(BIN)/nbdev_export
 	$(BIN)/nbdev_clean
-	$(PY) tools/readme.py
+	$(PY) tools/readme.py --execute
 
 check-export: $(STAMP)
 	$(BIN)/nbdev_export
@@ -34,10 +34,10 @@ check-export: $(STAMP)
 	  echo "peftlab/ is out of sync with nbs/: run 'make export' and commit"; exit 1; fi
 
 check-readme: $(STAMP)
-	$(PY) tools/readme.py --check
+	$(PY) tools/readme.py --execute --check
 
 readme: $(STAMP)
-	$(PY) tools/readme.py
+	$(PY) tools/readme.py --execute
 
 bench: $(STAMP)
 	$(PY) -m peftlab.core.bench

@@ -1,4 +1,4 @@
-"Write README.md from nbs/index.ipynb (markdown cells and visible code cells); `--check` fails if it is stale."
+"Write README.md from nbs/index.ipynb (markdown cells, visible code cells and their outputs).\n\n`--execute` runs the notebook first; `--check` fails if README.md is stale."
 import sys, nbformat
 from pathlib import Path
 
@@ -25,7 +25,16 @@ def render(nb):
                 parts.append(t[1] if isinstance(t, tuple) else f'```\n{t.rstrip()}\n```')
     return '\n\n'.join(parts).rstrip() + '\n'
 
+def execute(path):
+    "Run the notebook at `path` and store its outputs, so the README shows them."
+    from execnb.nbio import read_nb, write_nb
+    from execnb.shell import CaptureShell
+    nb = read_nb(path)
+    CaptureShell(path=path.parent).run_all(nb, exc_stop=True)
+    write_nb(nb, path)
+
 def main():
+    if '--execute' in sys.argv: execute(ROOT/'nbs'/'index.ipynb')
     text = render(nbformat.read(ROOT/'nbs'/'index.ipynb', as_version=4))
     readme = ROOT/'README.md'
     if '--check' in sys.argv:
