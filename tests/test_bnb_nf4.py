@@ -1,0 +1,95 @@
+"""Bit-identity of peftlab's 4-bit quantisation (`peftlab.quant.nf4`) with bitsandbytes' on CPU.
+
+Each row is one input: a dtype, a blocksize, a shape (many not a multiple of the blocksize, odd sizes
+included) and a kind of data. Packed bytes, absmax and dequantised values must equal bitsandbytes'
+bit for bit, for NF4 and FP4.
+
+Dequantised values are compared with bitsandbytes' pure-PyTorch reference (`backends/default/ops.py`)
+always, and with the public `dequantize_4bit` where its C++ CPU kernel is used safely: on AVX-512 CPUs,
+bitsandbytes 0.50's kernel mis-indexes blocks that straddle two rows (row length not a multiple of the
+blocksize), so those rows are checked against the reference only.
+"""
+import itertools
+import pytest
+import torch
+import bitsandbytes.functional as bnbF
+from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+from peftlab.quant.nf4 import (NF4_CODE, FP4_CODE, quantize_nf4, dequantize_nf4, quantize_fp4, dequantize_fp4,
+                               normal_float_levels)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BLOCKSIZES = [64, 128, 256, 512, 1024, 2048, 4096]
+SHAPES = [(64, 64), (128, 96), (33, 70), (7, 13), (3, 5, 67), (2, 2048), (4097,), (1,)]
+KINDS = ["zero-block", "ties", "outlier"]  # besides "normal"
+FORMATS = {"nf4": (quantize_nf4, dequantize_nf4, NF4_CODE), "fp4": (quantize_fp4, dequantize_fp4, FP4_CODE)}
+
+
+@pytest.fixture(autouse=True)
+def no_compile():
+    "bitsandbytes wraps its fallback in torch.compile (~20 s per shape); run it eagerly."
+    with torch._dynamo.config.patch(disable=True): yield
+
+
+def make_input(shape, dtype, kind, quant_type, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g) * 0.02
+    flat = w.view(-1)
+    if kind == "zero-block": flat[: min(300, flat.numel())] = 0     # whole blocks of zeros (and the partial one if small)
+    if kind == "outlier": flat[flat.numel() // 2] = 5.0               # one large value sets its block's scale
+    if kind == "ties":  # values exactly between two levels: absmax 1, then midpoints
+        levels = FORMATS[quant_type][2].sort().values
+        mids = (levels[:-1] + levels[1:]) / 2
+        flat[0] = 1.0
+        flat[1:] = mids.repeat(flat.numel() // mids.numel() + 1)[: flat.numel() - 1]
+    return w.to(dtype)
+
+
+def bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+CASES = (list(itertools.product(DTYPES, BLOCKSIZES, SHAPES, ["normal"], FORMATS))
+         + list(itertools.product(DTYPES, [64, 2048], [(128, 96), (7, 13), (4097,)], KINDS, FORMATS)))
+
+
+@pytest.mark.parametrize("dtype,blocksize,shape,kind,quant_type", CASES,
+                         ids=[f"{str(d)[6:]}-{b}-{'x'.join(map(str, s))}-{k}-{q}" for d, b, s, k, q in CASES])
+def test_bit_identical(dtype, blocksize, shape, kind, quant_type):
+    quantize, dequantize, code = FORMATS[quant_type]
+    w = make_input(shape, dtype, kind, quant_type)
+    theirs, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type=quant_type)
+    packed, absmax = quantize(w, blocksize)
+    assert packed.shape == theirs.shape and packed.dtype == torch.uint8
+    assert torch.equal(packed, theirs), "packed codes differ"
+    assert torch.equal(absmax, state.absmax), "absmax differs"
+    ours = dequantize(packed, absmax, shape, blocksize, dtype)
+    reference = _dequantize_4bit_compute(theirs.reshape(-1), state.absmax, code, blocksize, shape, dtype)
+    assert ours.shape == reference.shape and ours.dtype == dtype
+    assert torch.equal(bits(ours), bits(reference)), "dequantised values differ from bitsandbytes' reference"
+    row = shape[-1]
+    if row % blocksize == 0 or row % 2 == 1:  # bitsandbytes' public path is sound here (see the module docstring)
+        assert torch.equal(bits(ours), bits(bnbF.dequantize_4bit(theirs, state))), "differs from dequantize_4bit"
+
+
+def test_ties_go_to_the_lower_level():
+    w = make_input((1, 64), torch.float32, "ties", "nf4")
+    packed, absmax = quantize_nf4(w)
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], -1).view(-1)
+    assert codes[1:16].tolist() == list(range(15))  # midpoint j lies between levels j and j+1: code j
+
+
+@pytest.mark.parametrize("offset", [0.9677083])
+def test_levels_derive_from_normal_quantiles(offset):
+    assert torch.equal(normal_float_levels(offset), bnbF.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("bad_blocksize", [0, 32, 48, 96, 100, 63, 64.0])
+def test_bad_blocksize(bad_blocksize):
+    with pytest.raises(ValueError, match="power of two >= 64"):
+        quantize_nf4(torch.randn(128), blocksize=bad_blocksize)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.uint8])
+def test_not_floating(dtype):
+    with pytest.raises(TypeError, match="floating-point"):
+        quantize_nf4(torch.zeros(64, dtype=dtype))
