@@ -1,0 +1,77 @@
+"Files go both ways between peftlab and PEFT for every adapter PEFT shares, with the same outputs."
+import tempfile
+import peft, pytest, torch
+from peftlab.core.models import tiny_llama
+from peftlab.core.registry import apply
+from peftlab.core.io import save_adapter, load_adapter
+from peftlab.core.adapter import adapters, merge, unmerge
+from peftlab.core.testing import assert_close
+
+# (peftlab method, its options, the equivalent PEFT config, mergeable)
+CASES = [
+    ("dora", dict(r=4, alpha=8, targets=["q_proj", "v_proj"]),
+     lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True), True),
+    ("dora", dict(r=2, alpha=4, rslora=True, targets="all-linear"),
+     lambda: peft.LoraConfig(r=2, lora_alpha=4, use_rslora=True, target_modules="all-linear", use_dora=True), True),
+    ("ia3", dict(), lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]), True),
+    ("ia3", dict(targets=["q_proj", "up_proj", "down_proj"], feedforward=["up_proj"]),
+     lambda: peft.IA3Config(target_modules=["q_proj", "up_proj", "down_proj"], feedforward_modules=["up_proj"]), True),
+    ("prompt-tuning", dict(num_virtual_tokens=4),
+     lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), False),
+]
+IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
+
+def perturb(model, seed=0):
+    "Give every trainable tensor random, non-trivial values."
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad: p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+def inputs():
+    x = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(x); mask[0, :2] = 0   # left padding on one row
+    return dict(input_ids=x, attention_mask=mask)
+
+@pytest.mark.parametrize("name,kw,peft_cfg,mergeable", CASES, ids=IDS)
+def test_peft_loads_ours(name, kw, peft_cfg, mergeable):
+    ours = perturb(apply(tiny_llama(), name, **kw))
+    d = tempfile.mkdtemp(); save_adapter(ours, d)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), d)
+    assert_close(theirs(**inputs()).logits, ours(**inputs()).logits)
+
+@pytest.mark.parametrize("name,kw,peft_cfg,mergeable", CASES, ids=IDS)
+def test_we_load_peft(name, kw, peft_cfg, mergeable):
+    torch.manual_seed(0)
+    theirs = perturb(peft.get_peft_model(tiny_llama(), peft_cfg()))
+    d = tempfile.mkdtemp(); theirs.save_pretrained(d)
+    ours = load_adapter(tiny_llama(), d)
+    assert ours.peftlab_method[0] == name
+    assert_close(ours(**inputs()).logits, theirs(**inputs()).logits)
+
+@pytest.mark.parametrize("name,kw,peft_cfg,mergeable", [c for c in CASES if c[3]], ids=[i for i, c in zip(IDS, CASES) if c[3]])
+def test_merge_unmerge(name, kw, peft_cfg, mergeable):
+    m = perturb(apply(tiny_llama(), name, **kw))
+    out = m(**inputs()).logits
+    weights = {n: a.base_layer.weight.detach().clone() for n, a in adapters(m).items()}
+    merge(m); assert_close(m(**inputs()).logits, out, rtol=1e-4, atol=1e-4)  # float32 sums in another order
+    unmerge(m)
+    for n, a in adapters(m).items(): assert_close(a.base_layer.weight, weights[n], rtol=1e-5, atol=1e-6)
+    assert_close(m(**inputs()).logits, out, rtol=1e-4, atol=1e-4)
+
+def test_prompt_tuning_cannot_merge():
+    from peftlab.adapters.prompt_tuning import merge_prompt
+    m = apply(tiny_llama(), "prompt-tuning", num_virtual_tokens=2)
+    with pytest.raises(TypeError, match="cannot be merged"): merge_prompt(m)
+
+@pytest.mark.parametrize("name,kw,msg", [
+    ("dora", dict(r=100), "does not fit"),
+    ("dora", dict(rank=4), "unknown option"),
+    ("ia3", dict(targets=["k_proj"], feedforward=["down_proj"]), "must also be targets"),
+    ("ia3", dict(targets=["nope"]), "no module matched"),
+    ("prompt-tuning", dict(num_virtual_tokens=0), "at least 1"),
+    ("prompt-tuning", dict(prompt_init="zeros"), "unknown prompt_init"),
+])
+def test_config_errors(name, kw, msg):
+    with pytest.raises((ValueError, TypeError, KeyError), match=msg): apply(tiny_llama(), name, **kw)
