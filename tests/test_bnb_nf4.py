@@ -7,7 +7,8 @@ bit for bit, for NF4 and FP4.
 Dequantised values are compared with bitsandbytes' pure-PyTorch reference (`backends/default/ops.py`)
 always, and with the public `dequantize_4bit` where its C++ CPU kernel is used safely: on AVX-512 CPUs,
 bitsandbytes 0.50's kernel mis-indexes blocks that straddle two rows (row length not a multiple of the
-blocksize), so those rows are checked against the reference only.
+blocksize), so those rows are checked against the reference only. The same kernel returns 1-D shapes as
+(1, n), so values are compared flattened there.
 """
 import itertools
 import pytest
@@ -68,7 +69,8 @@ def test_bit_identical(dtype, blocksize, shape, kind, quant_type):
     assert torch.equal(bits(ours), bits(reference)), "dequantised values differ from bitsandbytes' reference"
     row = shape[-1]
     if row % blocksize == 0 or row % 2 == 1:  # bitsandbytes' public path is sound here (see the module docstring)
-        assert torch.equal(bits(ours), bits(bnbF.dequantize_4bit(theirs, state))), "differs from dequantize_4bit"
+        public = bnbF.dequantize_4bit(theirs, state)  # its C++ kernel returns 1-D shapes as (1, n): compare values
+        assert torch.equal(bits(ours).reshape(-1), bits(public).reshape(-1)), "differs from dequantize_4bit"
 
 
 def test_ties_go_to_the_lower_level():
@@ -93,3 +95,29 @@ def test_bad_blocksize(bad_blocksize):
 def test_not_floating(dtype):
     with pytest.raises(TypeError, match="floating-point"):
         quantize_nf4(torch.zeros(64, dtype=dtype))
+
+
+# Double quantisation: bitsandbytes' quantize_4bit(..., compress_statistics=True), every part of the nested state.
+DQ_CASES = list(itertools.product(DTYPES, [64, 256, 4096], [(64, 512), (300, 256), (7, 13), (40000,), (3, 5, 67)]))
+
+
+@pytest.mark.parametrize("dtype,blocksize,shape", DQ_CASES,
+                         ids=[f"{str(d)[6:]}-{b}-{'x'.join(map(str, s))}" for d, b, s in DQ_CASES])
+def test_double_quant_bit_identical(dtype, blocksize, shape):
+    from peftlab.quant.double_quant import quantize_nf4_dq, dequantize_nf4_dq, dequantize_absmax
+    from peftlab.quant.blockwise8 import dynamic_map
+    w = make_input(shape, dtype, "normal", "nf4", seed=blocksize)
+    theirs, state = bnbF.quantize_4bit(w, blocksize=blocksize, quant_type="nf4", compress_statistics=True)
+    q = quantize_nf4_dq(w, blocksize)
+    assert torch.equal(q.packed, theirs)
+    assert torch.equal(q.absmax, state.absmax), "8-bit absmax codes differ"
+    assert torch.equal(q.absmax_scale, state.state2.absmax), "absmax scales (state2.absmax) differ"
+    assert torch.equal(q.absmax_offset, state.offset), "offset differs"
+    assert torch.equal(dynamic_map(), state.state2.code)
+    absmax = dequantize_absmax(q.absmax, q.absmax_scale, q.absmax_offset)
+    assert torch.equal(absmax, bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset)
+    ours = dequantize_nf4_dq(q, dtype)
+    reference = _dequantize_4bit_compute(theirs.reshape(-1), absmax, NF4_CODE, blocksize, shape, dtype)
+    assert torch.equal(bits(ours), bits(reference))
+    if shape[-1] % blocksize == 0 or shape[-1] % 2 == 1:
+        assert torch.equal(bits(ours).reshape(-1), bits(bnbF.dequantize_4bit(theirs, state)).reshape(-1))
