@@ -18,6 +18,10 @@ CASES = [
      lambda: peft.IA3Config(target_modules=["q_proj", "up_proj", "down_proj"], feedforward_modules=["up_proj"]), True),
     ("prompt-tuning", dict(num_virtual_tokens=4),
      lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), False),
+    ("adalora", dict(init_r=4, target_r=2, total_step=10, alpha=8, targets=["q_proj", "v_proj"]),
+     lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj"]), True),
+    ("adalora", dict(init_r=3, target_r=1, total_step=5, alpha=4, targets="all-linear"),
+     lambda: peft.AdaLoraConfig(init_r=3, target_r=1, total_step=5, lora_alpha=4, target_modules="all-linear"), True),
 ]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
@@ -72,6 +76,27 @@ def test_prompt_tuning_cannot_merge():
     ("ia3", dict(targets=["nope"]), "no module matched"),
     ("prompt-tuning", dict(num_virtual_tokens=0), "at least 1"),
     ("prompt-tuning", dict(prompt_init="zeros"), "unknown prompt_init"),
+    ("adalora", dict(target_r=2), "needs total_step"),
+    ("adalora", dict(total_step=10, init_r=4, target_r=6), "target_r=6"),
+    ("adalora", dict(total_step=10, tinit=6, tfinal=4), "leave no steps to prune"),
+    ("adalora", dict(total_step=10, init_r=100, target_r=2), "does not fit"),
 ])
 def test_config_errors(name, kw, msg):
     with pytest.raises((ValueError, TypeError, KeyError), match=msg): apply(tiny_llama(), name, **kw)
+
+
+def test_adalora_rank_pattern_both_ways():
+    "A pruned AdaLoRA saves only its kept triplets and `rank_pattern`; PEFT and peftlab load each other's files."
+    from peftlab.adapters.adalora import adalora_layers, prune_to_budget, rank_pattern
+    ours = perturb(apply(tiny_llama(), "adalora", init_r=4, target_r=2, total_step=10, targets=["q_proj", "v_proj"]))
+    layers = adalora_layers(ours)
+    scores = {n: torch.randn(4, generator=torch.Generator().manual_seed(i)) for i, n in enumerate(layers)}
+    prune_to_budget(layers, scores, budget=2 * len(layers))
+    d = tempfile.mkdtemp(); save_adapter(ours, d)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), d)
+    assert_close(theirs(**inputs()).logits, ours(**inputs()).logits)
+    assert theirs.peft_config["default"].rank_pattern == rank_pattern(ours)
+    d2 = tempfile.mkdtemp(); theirs.save_pretrained(d2)
+    back = load_adapter(tiny_llama(), d2)
+    assert sum(l.r for l in adalora_layers(back).values()) == 2 * len(layers)
+    assert_close(back(**inputs()).logits, ours(**inputs()).logits)
