@@ -80,3 +80,12 @@ def test_corrupt_and_mismatched_files_leave_base_untouched(tmp_path):
     with pytest.raises(ValueError, match="corrupt"): load_adapter(base, tmp_path)
     (tmp_path/"adapter_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="corrupt"): load_adapter(base, tmp_path)
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_saved_weight_inits_load(tmp_path, init):
+    "PEFT leaves the rewritten base out of its files and re-runs the init on load; so does load_adapter."
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=init,
+                                                               target_modules=["q_proj", "v_proj"])).eval()
+    _randomise(theirs, 3)
+    theirs.save_pretrained(tmp_path)
+    assert_close(load_adapter(tiny_llama(), tmp_path).eval()(X).logits, theirs(X).logits)
