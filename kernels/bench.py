@@ -269,7 +269,7 @@ def measure_peak(device="cuda")->dict:
 # End to end: a LoRA / QLoRA training step on a ~1B Llama, one process per variant
 # ---------------------------------------------------------------------------------------------------------------
 E2E_VARIANTS = ["peft-lora", "peftlab-lora", "peftlab-lora-patched", "liger-peft-lora",
-                "peft-bnb-qlora", "peftlab-qlora-patched", "liger-peft-bnb-qlora"]
+                "peft-bnb-qlora", "peftlab-qlora", "peftlab-qlora-patched", "liger-peft-bnb-qlora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 def _e2e_model(variant:str, r:int=16):
@@ -285,7 +285,9 @@ def _e2e_model(variant:str, r:int=16):
         if "bnb" in variant: model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return peft.get_peft_model(model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=TARGETS))
     from peftlab.core.registry import apply
-    model = apply(model, "qlora" if "qlora" in variant else "lora", r=r, alpha=2 * r, targets=TARGETS)
+    if "qlora" in variant:   # as bitsandbytes' QLoRA below: NF4, double quantisation, bfloat16 compute
+        model = apply(model, "qlora", r=r, alpha=2 * r, targets=TARGETS, double_quant=True, compute_dtype="bfloat16")
+    else: model = apply(model, "lora", r=r, alpha=2 * r, targets=TARGETS)
     if "patched" in variant:
         from peftlab.kernels.patch import patch
         patch(model)
