@@ -5,10 +5,12 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/core/10_api.ipynb #3aba7381
+# %% ../nbs/core/10_api.ipynb #24147903
 __version__ = "0.1.0"
 from .core.models import load_model, load_tokenizer, tiny_llama
 from .core.surgery import find_targets, trainable_report
 from .core.registry import apply, methods, register, get_method
 from .core.adapter import merge, unmerge, unload, adapters
 from .core.io import save_adapter, load_adapter
+from .core.data import get_task, sft_loader, load_examples
+from .core.train import fit, evaluate
