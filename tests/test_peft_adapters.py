@@ -22,6 +22,12 @@ CASES = [
      lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, lora_alpha=8, target_modules=["q_proj", "v_proj"]), True),
     ("adalora", dict(init_r=3, target_r=1, total_step=5, alpha=4, targets="all-linear"),
      lambda: peft.AdaLoraConfig(init_r=3, target_r=1, total_step=5, lora_alpha=4, target_modules="all-linear"), True),
+    ("randlora", dict(r=8, alpha=64, targets=["q_proj", "v_proj", "down_proj"]),
+     lambda: peft.RandLoraConfig(r=8, randlora_alpha=64, target_modules=["q_proj", "v_proj", "down_proj"]), True),
+    ("randlora", dict(r=5, alpha=20, targets="all-linear", save_projection=False, projection_prng_key=3),
+     lambda: peft.RandLoraConfig(r=5, randlora_alpha=20, target_modules="all-linear", save_projection=False, projection_prng_key=3), True),
+    ("randlora", dict(r=16, alpha=32, targets=["k_proj", "up_proj"], very_sparse=True),
+     lambda: peft.RandLoraConfig(r=16, randlora_alpha=32, target_modules=["k_proj", "up_proj"], very_sparse=True), True),
 ]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
@@ -80,6 +86,9 @@ def test_prompt_tuning_cannot_merge():
     ("adalora", dict(total_step=10, init_r=4, target_r=6), "target_r=6"),
     ("adalora", dict(total_step=10, tinit=6, tfinal=4), "leave no steps to prune"),
     ("adalora", dict(total_step=10, init_r=100, target_r=2), "does not fit"),
+    ("randlora", dict(r=0), "at least 1"),
+    ("randlora", dict(r=200), "choose r <= 128"),
+    ("randlora", dict(sparse=True, very_sparse=True), "not both"),
 ])
 def test_config_errors(name, kw, msg):
     with pytest.raises((ValueError, TypeError, KeyError), match=msg): apply(tiny_llama(), name, **kw)
