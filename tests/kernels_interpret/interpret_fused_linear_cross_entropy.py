@@ -99,3 +99,16 @@ def test_batched_hidden_and_scaled_gradient():
 def test_bad_inputs_raise_clear_errors(make, err, exc):
     h, W, y = _inputs(10, 8, 50, torch.float32, ignored=0.5)
     with pytest.raises(exc, match=err): fused_linear_cross_entropy(*make(h, W, y))
+
+def test_under_autocast_matches_the_autocast_reference():
+    "Mixed precision: float32 h and W, bfloat16 matmuls; gradients come back in float32."
+    h, W, y = _inputs(12, 16, 300, torch.float32)
+    grads = []
+    for fn in (fused_linear_cross_entropy, fused_linear_cross_entropy_ref):
+        hh, WW = h.clone().requires_grad_(), W.clone().requires_grad_()
+        with torch.autocast(DEVICE, dtype=torch.bfloat16): loss = fn(hh, WW, y)
+        loss.backward()
+        grads.append((loss, hh.grad, WW.grad))
+    for a, b in zip(*grads):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)   # both round the logits and their gradient to bfloat16

@@ -28,6 +28,13 @@ def test_qlora_bfloat16_compute_matches_unpatched():
     make = lambda: lora_tiny_llama("qlora", compute_dtype="bfloat16").to(DEVICE)
     assert same_as_unpatched(make, rtol=2e-2, atol=2e-2) == QLORA   # bfloat16's tolerance: the adapters round there
 
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_under_autocast(method):
+    "Mixed precision as `fit` uses it: rope gets bfloat16 q with float32 cos, the loss casts as autocast, LoRA/NF4 step aside."
+    make = lambda: lora_tiny_llama(method).to(DEVICE)
+    counts = same_as_unpatched(make, autocast=torch.bfloat16, rtol=2e-2, atol=2e-2)   # bfloat16 matmuls on both sides
+    assert counts["lora"] == 14
+
 def test_nf4_layers_without_lora():
     "Quantised layers alone (no adapters): each NF4Linear goes to nf4_linear."
     make = lambda: quantize_model(tiny_llama(), blocksize=128).to(DEVICE).train()

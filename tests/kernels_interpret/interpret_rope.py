@@ -76,13 +76,23 @@ def test_without_grad_in_place_and_not():
     with torch.no_grad(): out = rope(q.clone(), k.clone(), cos, sin, inplace=True)
     for a, b in zip(out, expected): torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
+@pytest.mark.parametrize("q_dtype,cos_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                               (torch.float32, torch.bfloat16)])
+def test_mixed_dtypes_promote_like_pytorch(q_dtype, cos_dtype):
+    "Under autocast q is bfloat16 and cos float32: the output is float32, dq comes back in q's dtype."
+    q, k = _qk(2, 3, 1, 5, 12, q_dtype)
+    cos, sin = _cos_sin(2, 5, 12, cos_dtype, shared=False)
+    qo, _ = rope(q.requires_grad_(), k, cos, sin)
+    assert qo.dtype == torch.promote_types(q_dtype, cos_dtype) and "RoPEFunction" in type(qo.grad_fn).__name__
+    check_kernel(lambda q, k: kernel(q, k, cos, sin), lambda q, k: rope_ref(q, k, cos, sin), [q.detach(), k], wrt=[0, 1], names=names)
+
 def test_dispatch_takes_the_reference_when_the_kernel_does_not_apply():
-    q, k = _qk(1, 2, 2, 3, 8, torch.bfloat16)
-    cos, sin = _cos_sin(1, 3, 8, torch.float32)                    # float32 cos with bfloat16 q: PyTorch promotes
-    qo, ko = rope(q, k, cos, sin)
-    assert qo.dtype == torch.float32 and qo.grad_fn is None
+    q, k = _qk(1, 2, 2, 3, 8, torch.float32)
+    cos, sin = _cos_sin(1, 3, 8, torch.float32)
+    qo, _ = rope(q, k, cos.double(), sin.double())                # float64: reference, promoted as PyTorch does
+    assert qo.dtype == torch.float64 and qo.grad_fn is None
     cos.requires_grad_()                                            # gradient for cos: only the reference gives it
-    qo, _ = rope(q.float(), k.float(), cos, sin)
+    qo, _ = rope(q, k, cos, sin)
     qo.sum().backward()
     assert cos.grad is not None
 
