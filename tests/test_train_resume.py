@@ -41,30 +41,31 @@ def make_data(kind):
 def params(model): return {n: p.detach().clone() for n, p in trainable_parameters(model)}
 
 @functools.lru_cache
-def straight(grad_accum, kind):
+def straight(grad_accum, kind, log_every=1):
     "The uninterrupted run: its losses, learning rates and final parameters."
     m = lora_model()
-    log = fit(m, make_data(kind), grad_accum=grad_accum, **FIT)
+    log = fit(m, make_data(kind), grad_accum=grad_accum, log_every=log_every, **FIT)
     return log.losses, log.lrs, params(m)
 
-CASES = [  # grad_accum, data, killed after step, checkpoint_every
-    (1, "list", 6, 2),        # killed right after a checkpoint
-    (2, "list", 6, 2),
-    (1, "list", 7, 3),        # killed between checkpoints: step 7 is trained again from step 6
-    (2, "callable", 7, 2),
-    (2, "sft_loader", 5, 2),  # a shuffling DataLoader (3 batches an epoch), resumed in its fourth epoch
+CASES = [  # grad_accum, data, killed after step, checkpoint_every, log_every
+    (1, "list", 6, 2, 1),        # killed right after a checkpoint
+    (2, "list", 6, 2, 1),
+    (1, "list", 7, 3, 1),        # killed between checkpoints: step 7 is trained again from step 6
+    (1, "list", 5, 4, 3),        # resumed in the middle of a log row's window
+    (2, "callable", 7, 2, 1),
+    (2, "sft_loader", 5, 2, 1),  # a shuffling DataLoader (3 batches an epoch), resumed in its fourth epoch
 ]
 
-@pytest.mark.parametrize("grad_accum,kind,kill,every", CASES)
-def test_resume_is_bit_identical(tmp_path, grad_accum, kind, kill, every):
-    kw = dict(FIT, grad_accum=grad_accum, checkpoint_dir=tmp_path, checkpoint_every=every)
+@pytest.mark.parametrize("grad_accum,kind,kill,every,log_every", CASES)
+def test_resume_is_bit_identical(tmp_path, grad_accum, kind, kill, every, log_every):
+    kw = dict(FIT, grad_accum=grad_accum, log_every=log_every, checkpoint_dir=tmp_path, checkpoint_every=every)
     with pytest.raises(Killed): fit(lora_model(), make_data(kind), callbacks=[Kill(kill)], **kw)
     assert [p.name for p in checkpoints(tmp_path)] == [f"step-{kill // every * every:08d}"]
     resumed = lora_model(seed=1)  # other initial weights: the checkpoint must overwrite them
     log = fit(resumed, make_data(kind), resume=True, **kw)
-    losses, lrs, final = straight(grad_accum, kind)
+    losses, lrs, final = straight(grad_accum, kind, log_every)
     assert log.losses == losses and log.lrs == lrs
-    assert log.steps == list(range(1, STEPS + 1))
+    assert log.steps == [s for s in range(1, STEPS + 1) if s % log_every == 0 or s == STEPS]
     got = params(resumed)
     assert list(got) == list(final)
     assert all(torch.equal(got[n], final[n]) for n in final)
