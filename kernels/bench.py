@@ -440,6 +440,8 @@ def main(argv=None):
             del case; gc.collect(); torch.cuda.empty_cache()
     e2e = [] if args.no_e2e else run_e2e()
     stem = f"{slug(device_name())}-{date}"
+    stamp = dict(device=device_name(), timestamp=meta["timestamp"], peftlab=meta["versions"]["peftlab"])
+    rows, e2e = [dict(r, **stamp) for r in rows], [dict(r, **stamp) for r in e2e]   # every row says where and when
     write_results(dict(mode="gpu", device=device_name(), peak=peak, **meta, rows=rows, e2e=e2e), args.out, stem)
     plot(rows, args.out / f"{stem}.png")
 
