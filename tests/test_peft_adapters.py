@@ -28,6 +28,10 @@ CASES = [
      lambda: peft.RandLoraConfig(r=5, randlora_alpha=20, target_modules="all-linear", save_projection=False, projection_prng_key=3), True),
     ("randlora", dict(r=16, alpha=32, targets=["k_proj", "up_proj"], very_sparse=True),
      lambda: peft.RandLoraConfig(r=16, randlora_alpha=32, target_modules=["k_proj", "up_proj"], very_sparse=True), True),
+    ("bone", dict(r=16), lambda: peft.MissConfig(r=16, init_weights="bat", target_modules="all-linear"), True),
+    ("bone", dict(r=8, targets=["q_proj", "v_proj"]), lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "v_proj"]), True),
+    ("miss", dict(r=16), lambda: peft.MissConfig(r=16, target_modules="all-linear"), True),
+    ("miss", dict(r=24, targets=["q_proj", "down_proj"]), lambda: peft.MissConfig(r=24, target_modules=["q_proj", "down_proj"]), True),
 ]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
@@ -89,6 +93,10 @@ def test_prompt_tuning_cannot_merge():
     ("randlora", dict(r=0), "at least 1"),
     ("randlora", dict(r=200), "choose r <= 128"),
     ("randlora", dict(sparse=True, very_sparse=True), "not both"),
+    ("bone", dict(r=24), "must divide both"),
+    ("bone", dict(dropout=0.1), "has no dropout"),
+    ("bone", dict(mode="mini"), "unknown mode"),
+    ("miss", dict(r=100), "choose 1 <= r <= 64"),
 ])
 def test_config_errors(name, kw, msg):
     with pytest.raises((ValueError, TypeError, KeyError), match=msg): apply(tiny_llama(), name, **kw)
