@@ -32,6 +32,8 @@ CASES = [
     ("bone", dict(r=8, targets=["q_proj", "v_proj"]), lambda: peft.MissConfig(r=8, init_weights="bat", target_modules=["q_proj", "v_proj"]), True),
     ("miss", dict(r=16), lambda: peft.MissConfig(r=16, target_modules="all-linear"), True),
     ("miss", dict(r=24, targets=["q_proj", "down_proj"]), lambda: peft.MissConfig(r=24, target_modules=["q_proj", "down_proj"]), True),
+    ("prefix-tuning", dict(num_virtual_tokens=4),
+     lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4), False),
 ]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
@@ -79,6 +81,15 @@ def test_prompt_tuning_cannot_merge():
     m = apply(tiny_llama(), "prompt-tuning", num_virtual_tokens=2)
     with pytest.raises(TypeError, match="cannot be merged"): merge_prompt(m)
 
+def test_prefix_tuning_cannot_merge_and_generates_like_peft():
+    from peftlab.adapters.prefix_tuning import merge_prefix
+    ours = perturb(apply(tiny_llama(), "prefix-tuning", num_virtual_tokens=3))
+    with pytest.raises(TypeError, match="cannot be merged"): merge_prefix(ours)
+    d = tempfile.mkdtemp(); save_adapter(ours, d)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), d)
+    kw = dict(**inputs(), max_new_tokens=5, do_sample=False)
+    assert torch.equal(theirs.generate(**kw), ours.generate(**kw))
+
 @pytest.mark.parametrize("name,kw,msg", [
     ("dora", dict(r=100), "does not fit"),
     ("dora", dict(rank=4), "unknown option"),
@@ -97,6 +108,7 @@ def test_prompt_tuning_cannot_merge():
     ("bone", dict(dropout=0.1), "has no dropout"),
     ("bone", dict(mode="mini"), "unknown mode"),
     ("miss", dict(r=100), "choose 1 <= r <= 64"),
+    ("prefix-tuning", dict(num_virtual_tokens=0), "at least 1"),
 ])
 def test_config_errors(name, kw, msg):
     with pytest.raises((ValueError, TypeError, KeyError), match=msg): apply(tiny_llama(), name, **kw)
