@@ -19,8 +19,9 @@ $(STAMP): setup.py settings.ini
 demo: $(STAMP)
 	$(BIN)/peftlab finetune
 
+# one thread per notebook worker: two workers on two cores, not four threads fighting over them
 test: $(STAMP) check-export check-readme
-	$(BIN)/nbdev_test --n_workers 2
+	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
 	$(BIN)/pytest -q tests
 
 export: $(STAMP)
