@@ -35,7 +35,7 @@ check-export: $(STAMP)
 	  echo "peftlab/ is out of sync with nbs/: run 'make export' and commit"; exit 1; fi
 
 check-readme: $(STAMP)
-	$(PY) tools/readme.py --execute --check
+	$(PY) tools/readme.py --check
 
 readme: $(STAMP)
 	$(PY) tools/readme.py --execute
