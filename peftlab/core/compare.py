@@ -132,7 +132,7 @@ def lowrank_family(steps:int)->dict:
              "prefix-tuning": dict(lr=1e-2), "bone": dict(options=r8), "ssf": dict(lr=2e-2), "loldu": dict(options=r8, lr=5e-2),
              "kasa": dict(options=r8), "hydra": dict(options=dict(r=4)), "lamda": dict(options=dict(r=8, freeze_b_steps=steps // 2)),
              "tlora": dict(options=r8), "lora-ggpo": dict(options=r8), "lofit": dict(options=dict(select_step=steps // 2), lr=1e-2),
-             "lora-sb": dict(options=dict(r=8, init_data="calibration")), "slora": dict(options=r8), "inttune": dict(options=r8),
+             "lora-xs": dict(options=dict(r=32)), "lora-sb": dict(options=dict(r=32, init_data="calibration")), "slora": dict(options=r8), "inttune": dict(options=r8),
              "diffora": dict(), "flexora": dict(), "triadaptlora": dict(), "bayesian-lora": dict()}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)

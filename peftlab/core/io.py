@@ -102,7 +102,10 @@ def method_for(cfg:dict):
 def _for_loading(config):
     "The config to rebuild the adapter with: no data-driven init, the saved tensors overwrite it anyway."
     if getattr(config, "init_data", None) is not None or _needs_data(config):
-        config = dataclasses.replace(config, init="kaiming", init_data=None)
+        # a config class may name the weight-only init to rebuild with (LoRA-XS: "svd"), else LoRA's "kaiming"
+        changes = dict(init=getattr(config, "weight_only_init", "kaiming"), init_data=None)
+        if hasattr(config, "init_options"): changes["init_options"] = {}   # they belong to the init not re-run
+        config = dataclasses.replace(config, **changes)
     return config
 
 def _needs_data(config)->bool:
@@ -124,6 +127,15 @@ def _copy_in(model:nn.Module, state:dict[str,torch.Tensor]):
         t = target[k]
         if t.shape != v.shape: raise ValueError(f"shape mismatch for {k}: saved {tuple(v.shape)}, model has {tuple(t.shape)} — saved from another base model or rank?")
         with torch.no_grad(): t.copy_(v)
+    _keep_saving_base(model, own)
+
+def _keep_saving_base(model:nn.Module, own:dict):
+    "Base tensors that came from the file (an init's residual) are saved again with the adapter."
+    for k in own:
+        if ".base_layer." not in k: continue
+        owner, rest = k.split(".base_layer.", 1)
+        layer = model.get_submodule(owner)
+        layer.saves_base = tuple(dict.fromkeys((*getattr(layer, "saves_base", ()), f"base_layer.{rest}")))
 
 def load_adapter(base:nn.Module,           # the base model, changed in place
                  directory:str|Path,       # saved by `save_adapter` or by PEFT
