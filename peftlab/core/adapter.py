@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from .surgery import find_targets, check_types, replace_module, freeze, LINEAR_TYPES, register_linear_type
 
 # %% auto #0
-__all__ = ['dense_weight', 'LayerAdapter', 'inject', 'adapters', 'merge', 'unmerge', 'unload', 'record_method', 'applied_method']
+__all__ = ['dense_weight', 'LayerAdapter', 'WeightMapAdapter', 'inject', 'adapters', 'merge', 'unmerge', 'unload',
+           'record_method', 'applied_method']
 
 # %% ../../nbs/core/04_adapter.ipynb #e368939a
 def dense_weight(layer:nn.Module)->torch.Tensor:
@@ -59,6 +60,27 @@ def _unmerge(self:LayerAdapter):
     self.merged = False
 
 LayerAdapter.merge, LayerAdapter.unmerge = _merge, _unmerge
+
+# %% ../../nbs/core/04_adapter.ipynb #d408f67d
+class WeightMapAdapter(LayerAdapter):
+    "A `LayerAdapter` whose adapted weight is `M @ W + C`, `M` (out, out) invertible; subclasses define `weight_map()`."
+    def weight_map(self)->tuple[torch.Tensor,torch.Tensor]:
+        "`(M, C)`: the adapted weight is `M @ W + C`."
+        raise NotImplementedError(f"{type(self).__name__} does not define weight_map()")
+
+    def delta_weight(self)->torch.Tensor:
+        M, C = self.weight_map()
+        W = dense_weight(self.base_layer).to(M.dtype)
+        return M @ W - W + C
+
+    def unmerge(self):
+        "Solve `M @ W = W' - C` for the base weight."
+        if not self.merged: return
+        with torch.no_grad():
+            M, C = self.weight_map()
+            w = self.base_layer.weight.to(M.dtype)
+            self.base_layer.weight.copy_(torch.linalg.solve(M, w - C).to(self.base_layer.weight.dtype))
+        self.merged = False
 
 # %% ../../nbs/core/04_adapter.ipynb #796d3c20
 def _adapter_state_dict(self:LayerAdapter)->dict[str,torch.Tensor]:
