@@ -51,6 +51,20 @@ def test_merge_unmerge_identity(r, alpha, targets, rslora, dropout):
     unmerge(model)
     for n, p in model.named_parameters(): assert_close(p, before[n], msg=n)
 
+PATTERNS = dict(rank_pattern={"q_proj": 2, "model.layers.1.mlp.down_proj": 6}, alpha_pattern={r"layers\.0\..*v_proj": 32})
+
+def test_rank_and_alpha_patterns_both_ways(tmp_path):
+    ours = apply(tiny_llama(), "lora", r=4, alpha=8, targets="all-linear", **PATTERNS).eval()
+    _randomise(ours, 3)
+    save_adapter(ours, tmp_path/"ours")
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path/"ours").eval()
+    assert_close(theirs(X).logits, ours(X).logits)
+    theirs.save_pretrained(tmp_path/"theirs")
+    back = load_adapter(tiny_llama(), tmp_path/"theirs").eval()
+    assert_close(back(X).logits, ours(X).logits)
+    a = adapters(back)
+    assert (a["model.layers.1.mlp.down_proj"].r, a["model.layers.0.self_attn.q_proj"].r, a["model.layers.0.self_attn.v_proj"].scaling) == (6, 2, 8.0)
+
 def test_gradients_reach_only_lora():
     model = apply(tiny_llama(), "lora", r=4, targets="all-linear")
     model(X, labels=X).loss.backward()
