@@ -32,8 +32,8 @@ def saved_activation_bytes(model:nn.Module, batch:dict)->int:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = []
     def pack(t):
-        if t.untyped_storage().data_ptr() not in params: saved.append(t)
-        return t
+        if t.untyped_storage().data_ptr() not in params: saved.append(t.detach())
+        return t.detach()   # not `t`: an output saved by its own node would form a cycle through C++ that gc never frees
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(**batch).loss
     return _nbytes(saved)
