@@ -57,7 +57,9 @@ class SavedTensorBytes:
         ptr = s.data_ptr()
         if ptr and ptr not in self.exclude and ptr not in self.seen:
             self.seen.add(ptr); self.bytes += s.nbytes()
-        return t  # holding `t` keeps its storage alive, so no other storage can take its address meanwhile
+        # a detached view keeps the storage alive (no other storage takes its address meanwhile) without the
+        # graph node that a saved output would hold: returning `t` itself makes a cycle gc cannot free
+        return t.detach()
 
     @contextmanager
     def counting(self):

@@ -15,6 +15,7 @@ from .registry import apply, method_callbacks
 from .surgery import trainable_report
 from .data import get_task, sft_loader
 from .train import fit, eval_loss, TrainLog
+from .bench import SavedTensorBytes
 
 # %% auto #0
 __all__ = ['saved_activation_bytes', 'state_bytes', 'run_one', 'Comparison', 'compare', 'lowrank_family']
@@ -29,14 +30,9 @@ def _nbytes(ts)->int:
 
 def saved_activation_bytes(model:nn.Module, batch:dict)->int:
     "Bytes of the tensors autograd saves in one forward of `model` on `batch` (parameters excluded)."
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params: saved.append(t.detach())
-        return t.detach()   # not `t`: an output saved by its own node would form a cycle through C++ that gc never frees
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(**batch).loss
-    return _nbytes(saved)
+    counter = SavedTensorBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
+    with counter.counting(): model(**batch).loss
+    return counter.bytes
 
 def state_bytes(model:nn.Module, optimizer:torch.optim.Optimizer|None=None)->dict[str,int]:
     "Bytes of parameters, gradients and optimiser state."
