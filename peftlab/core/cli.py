@@ -91,7 +91,7 @@ def bench_family(args):
     from peftlab.core.compare import compare, lowrank_family
     families = dict(lowrank=lowrank_family)
     if args.family not in families: raise ValueError(f"unknown family {args.family!r}; known: {sorted(families)}")
-    res = compare(families[args.family](args.steps), model=args.model, task=args.task, steps=args.steps,
+    res = compare(families[args.family](args.steps, args.lr), model=args.model, task=args.task, steps=args.steps,
                   n_train=args.n_train, n_test=args.n_test, lr=args.lr)
     print(res.table.sort_values("eval_loss").to_string(float_format=lambda v: f"{v:.4g}"))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True); res.to_json(args.out)

@@ -14,7 +14,7 @@ from .models import tiny_llama, load_model, load_tokenizer
 from .registry import apply, method_callbacks
 from .surgery import trainable_report
 from .data import get_task, sft_loader
-from .train import fit, eval_loss, TrainLog
+from .train import fit, eval_loss, TrainLog, lr_lambda
 from .bench import SavedTensorBytes
 
 # %% auto #0
@@ -118,8 +118,8 @@ def compare(runs:dict,                       # label -> dict(method=name|None, o
     return Comparison(pd.DataFrame.from_dict(rows, orient="index"), logs)
 
 # %% ../../nbs/core/11_compare.ipynb #99f09d93
-def lowrank_family(steps:int)->dict:
-    "Run specs for every registered low-rank adapter and LoRA init, with full fine-tuning and LoRA."
+def lowrank_family(steps:int, lr:float=2e-3)->dict:
+    "Run specs for every registered low-rank adapter and LoRA init, with full fine-tuning and LoRA (`lr`: the runs' rate)."
     from peftlab.core.registry import METHODS, discover
     from peftlab.adapters.lora import LORA_INITS
     discover()
@@ -136,7 +136,7 @@ def lowrank_family(steps:int)->dict:
              "prefix-tuning": dict(lr=1e-2), "bone": dict(options=r8), "ssf": dict(lr=2e-2), "loldu": dict(options=r8, lr=5e-2),
              "kasa": dict(options=r8), "hydra": dict(options=dict(r=4)), "lamda": dict(options=dict(r=8, freeze_b_steps=steps // 2)),
              "tlora": dict(options=r8), "lora-ggpo": dict(options=r8), "lofit": dict(options=dict(select_step=steps // 2), lr=1e-2),
-             "lora-xs": dict(options=dict(r=32)), "lora-sb": dict(options=dict(r=32, init_data="calibration")), "slora": dict(options=r8), "inttune": dict(options=r8),
+             "lora-xs": dict(options=dict(r=32)), "lora-sb": dict(options=dict(r=32, init_data="calibration", init_options=dict(lr=lr * lr_lambda("cosine", steps)(0)))), "slora": dict(options=r8), "inttune": dict(options=r8),
              "diffora": dict(), "flexora": dict(), "triadaptlora": dict(), "bayesian-lora": dict()}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)
