@@ -15,7 +15,8 @@ from ..core.registry import register, discover
 
 # %% auto #0
 __all__ = ['LORA_INITS', 'LoraConfig', 'check_rank', 'pattern_value', 'adapter_dtype', 'LoraLinear', 'LoraInit',
-           'register_lora_init', 'apply_with_init', 'init_kaiming', 'init_gaussian', 'get_lora_init', 'apply_lora']
+           'register_lora_init', 'apply_with_init', 'init_kaiming', 'init_gaussian', 'get_lora_init',
+           'check_init_options', 'apply_lora']
 
 # %% ../../nbs/adapters/00_lora.ipynb #fcffbef5
 @dataclass
@@ -111,6 +112,11 @@ def get_lora_init(config:LoraConfig)->LoraInit:
     if init.needs_data and config.init_data is None:
         raise ValueError(f"init {config.init!r} needs calibration data: pass init_data=<a few batches of the task>")
     return init
+
+def check_init_options(config, known:set):
+    "Raise if `config.init_options` names an option the init does not have."
+    if unknown := set(config.init_options) - set(known):
+        raise ValueError(f"init {config.init!r} has no option(s) {sorted(unknown)}; its options are {sorted(known)}")
 
 # %% ../../nbs/adapters/00_lora.ipynb #81deecf7
 def _to_peft(config:LoraConfig, model:nn.Module)->dict:

@@ -6,7 +6,7 @@
 from __future__ import annotations
 import torch
 from torch import nn
-from ..adapters.lora import register_lora_init
+from ..adapters.lora import register_lora_init, check_init_options
 from .pissa import set_adapter_and_residual
 
 # %% auto #0
@@ -81,8 +81,7 @@ def corda_factors(W:torch.Tensor,        # (out, in) base weight
 # %% ../../nbs/init/03_corda.ipynb #de3bcf26
 @register_lora_init("corda", needs_data=True, peft="corda", paper="CorDA: Context-Oriented Decomposition Adaptation of Large Language Models")
 def init_corda(model, layers, config):
-    unknown = set(config.init_options) - {"mode"}
-    if unknown: raise ValueError(f"CorDA has no option(s) {sorted(unknown)}; its only option is 'mode' ('ipm' or 'kpm')")
+    check_init_options(config, {"mode"})   # "ipm" or "kpm"
     mode = config.init_options.get("mode", "ipm")
     for l in layers.values(): nn.init.zeros_(l.lora_B.weight)     # the update is zero while inputs are collected
     covs = input_covariances(model, layers, config.init_data)

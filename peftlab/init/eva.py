@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 from torch import nn
 from ..core.surgery import replace_module
-from ..adapters.lora import register_lora_init, LoraLinear, pattern_value
+from ..adapters.lora import register_lora_init, check_init_options, LoraLinear, pattern_value
 
 # %% auto #0
 __all__ = ['IncrementalPCA', 'eva_components', 'eva_rank_distribution', 'init_eva']
@@ -122,8 +122,8 @@ _EVA_OPTIONS = {"rho", "tau", "max_passes", "adjust_scaling_factors"}
 
 @register_lora_init("eva", needs_data=True, peft="eva", paper="One Initialization to Rule them All: Fine-tuning via Explained Variance Adaptation")
 def init_eva(model, layers, config):
+    check_init_options(config, _EVA_OPTIONS)
     opts = dict(config.init_options)
-    if unknown := set(opts) - _EVA_OPTIONS: raise ValueError(f"EVA has no option(s) {sorted(unknown)}; its options are {sorted(_EVA_OPTIONS)}")
     rho, adjust = opts.pop("rho", 1.0), opts.pop("adjust_scaling_factors", True)
     if rho < 1: raise ValueError(f"EVA's rho is {rho}: it must be >= 1 (1 keeps every layer's rank)")
     for l in layers.values(): nn.init.zeros_(l.lora_B.weight)     # the update is zero while the inputs are collected

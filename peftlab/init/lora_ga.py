@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import torch
 from torch import nn
-from ..adapters.lora import register_lora_init
+from ..adapters.lora import register_lora_init, check_init_options
 from .pissa import set_adapter_and_residual
 
 # %% auto #0
@@ -69,7 +69,7 @@ _OPTIONS = {"scale", "gamma", "variant"}
 
 @register_lora_init("lora_ga", needs_data=True, peft="lora_ga", paper="LoRA-GA: Low-Rank Adaptation with Gradient Approximation")
 def init_lora_ga(model, layers, config):
-    if unknown := set(config.init_options) - _OPTIONS: raise ValueError(f"LoRA-GA has no option(s) {sorted(unknown)}; its options are {sorted(_OPTIONS)}")
+    check_init_options(config, _OPTIONS)
     for l in layers.values(): nn.init.zeros_(l.lora_B.weight)     # the update is zero while the gradient is taken
     grads = estimate_gradients(model, layers, config.init_data)
     for name, l in layers.items():

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from ..core.adapter import inject, record_method, dense_weight
 from ..core.registry import register
-from ..adapters.lora import register_lora_init
+from ..adapters.lora import register_lora_init, check_init_options
 from .pissa import set_adapter_and_residual
 from .lora_ga import estimate_gradients
 from .nlora import SLoraLinear
@@ -59,13 +59,9 @@ def first_update(G:torch.Tensor,        # (out, in) mean gradient of the loss w.
 # %% ../../nbs/init/05_lora_sb.ipynb #4ad5aef1
 _XS_OPTIONS, _SB_OPTIONS = {"std"}, {"estimate", "lr", "residual"}
 
-def _check_options(config, known:set):
-    if unknown := set(config.init_options) - known:
-        raise ValueError(f"init {config.init!r} has no option(s) {sorted(unknown)}; its options are {sorted(known)}")
-
 def first_updates(model:nn.Module, layers:dict, config)->dict[str,torch.Tensor]:
     "The estimated first full fine-tuning update of every layer's weight, from `config.init_data`."
-    _check_options(config, _SB_OPTIONS)
+    check_init_options(config, _SB_OPTIONS)
     opts = config.init_options
     grads = estimate_gradients(model, layers, config.init_data)
     return {name: first_update(G, opts.get("estimate", "adam"), opts.get("lr", 1e-3)) for name, G in grads.items()}
@@ -78,7 +74,7 @@ def _set(layer, A, R, B, name:str, residual:bool):
 
 def _init_xs(model:nn.Module, layers:dict, config:LoraXSConfig):
     if config.init == "svd":
-        _check_options(config, _XS_OPTIONS)
+        check_init_options(config, _XS_OPTIONS)
         for name, l in layers.items():
             A, S, B = svd_factors(dense_weight(l.base_layer), l.r)
             _set(l, S @ A, torch.randn(l.r, l.r) * config.init_options.get("std", 1e-5), B, name, residual=False)
