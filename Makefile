@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test export check-export check-readme readme bench bench-kernels clean
+.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check clean
 
 $(STAMP): setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,10 @@ bench: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(PY) kernels/bench.py
+
+# on a lent GPU: notebook cuda cells, kernel tests, every kernel benchmark and QLoRA steps against PEFT + bitsandbytes
+gpu-check: $(STAMP)
+	bash kernels/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) _proc _docs
