@@ -4,11 +4,13 @@ Each row is one input: a dtype, a blocksize, a shape (many not a multiple of the
 included) and a kind of data. Packed bytes, absmax and dequantised values must equal bitsandbytes'
 bit for bit, for NF4 and FP4.
 
-Dequantised values are compared with bitsandbytes' pure-PyTorch reference (`backends/default/ops.py`)
-always, and with the public `dequantize_4bit` where its C++ CPU kernel is used safely: on AVX-512 CPUs,
-bitsandbytes 0.50's kernel mis-indexes blocks that straddle two rows (row length not a multiple of the
-blocksize), so those rows are checked against the reference only. The same kernel returns 1-D shapes as
-(1, n), so values are compared flattened there.
+Dequantised values are compared with bitsandbytes' pure-PyTorch reference (`backends/default/ops.py`, its
+FP4 table with code 8 = +0.0) always, and with the public `dequantize_4bit` on the path it takes on this CPU
+(`bnb_cpu_dequantize_path`): its scalar C++ branch writes FP4's code 8 as -0.0, so the FP4 comparison there
+uses `dequantize_fp4(..., negative_zero=True)`. On AVX-512 CPUs its vectorised branch mis-indexes blocks that
+straddle two rows (row length not a multiple of the blocksize): those results are checked against the
+reference only (`bnb_cpu_dequantize_sound`). The C++ kernel returns 1-D shapes as (1, n), so values are
+compared flattened. Nothing here passes on one CPU and fails on another: the expected path is named.
 """
 import itertools
 import pytest
@@ -16,11 +18,11 @@ import torch
 import bitsandbytes.functional as bnbF
 from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
 from peftlab.quant.nf4 import (NF4_CODE, FP4_CODE, quantize_nf4, dequantize_nf4, quantize_fp4, dequantize_fp4,
-                               normal_float_levels)
+                               normal_float_levels, bnb_cpu_dequantize_path, bnb_cpu_dequantize_sound)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 BLOCKSIZES = [64, 128, 256, 512, 1024, 2048, 4096]
-SHAPES = [(64, 64), (128, 96), (33, 70), (7, 13), (3, 5, 67), (2, 2048), (4097,), (1,)]
+SHAPES = [(64, 64), (128, 96), (33, 70), (7, 13), (3, 5, 67), (2, 2048), (4097,), (1,), (6, 40)]  # 70, 40: scalar branch
 KINDS = ["zero-block", "ties", "outlier"]  # besides "normal"
 FORMATS = {"nf4": (quantize_nf4, dequantize_nf4, NF4_CODE), "fp4": (quantize_fp4, dequantize_fp4, FP4_CODE)}
 
@@ -67,10 +69,28 @@ def test_bit_identical(dtype, blocksize, shape, kind, quant_type):
     reference = _dequantize_4bit_compute(theirs.reshape(-1), state.absmax, code, blocksize, shape, dtype)
     assert ours.shape == reference.shape and ours.dtype == dtype
     assert torch.equal(bits(ours), bits(reference)), "dequantised values differ from bitsandbytes' reference"
-    row = shape[-1]
-    if row % blocksize == 0 or row % 2 == 1:  # bitsandbytes' public path is sound here (see the module docstring)
+    if bnb_cpu_dequantize_sound(shape, blocksize):  # see the module docstring
+        signed = dict(negative_zero=bnb_cpu_dequantize_path(shape, blocksize) == "scalar") if quant_type == "fp4" else {}
+        ours = dequantize(packed, absmax, shape, blocksize, dtype, **signed)
         public = bnbF.dequantize_4bit(theirs, state)  # its C++ kernel returns 1-D shapes as (1, n): compare values
         assert torch.equal(bits(ours).reshape(-1), bits(public).reshape(-1)), "differs from dequantize_4bit"
+
+
+def test_fp4_zeros_by_path():
+    "FP4's code 8 is +0.0 in bitsandbytes' table and -0.0 from its scalar kernel; the two are equal as numbers."
+    packed = torch.full((64, 1), 0x88, dtype=torch.uint8)  # 128 values, all code 8
+    assert not torch.signbit(dequantize_fp4(packed, torch.ones(2), (128,), dtype=torch.float32)).any()
+    assert torch.signbit(dequantize_fp4(packed, torch.ones(2), (128,), dtype=torch.float32, negative_zero=True)).all()
+    theirs, state = bnbF.quantize_4bit(torch.randn(4, 40), blocksize=64, quant_type="fp4")
+    theirs.view(-1)[:3] = 0x88
+    assert bnb_cpu_dequantize_path((4, 40), 64) == "scalar"  # row of 40: never the AVX-512 branch
+    public = bnbF.dequantize_4bit(theirs, state).reshape(-1)
+    assert torch.signbit(public[:6]).all() and (public[:6] == 0).all(), "bitsandbytes' scalar kernel changed its zero"
+
+
+@pytest.mark.parametrize("shape,blocksize,path", [((7, 13), 64, "reference"), ((4, 40), 64, "scalar"), ((3, 5, 67), 256, "reference")])
+def test_paths_that_do_not_depend_on_the_cpu(shape, blocksize, path):
+    assert bnb_cpu_dequantize_path(shape, blocksize) == path
 
 
 def test_ties_go_to_the_lower_level():
@@ -119,5 +139,5 @@ def test_double_quant_bit_identical(dtype, blocksize, shape):
     ours = dequantize_nf4_dq(q, dtype)
     reference = _dequantize_4bit_compute(theirs.reshape(-1), absmax, NF4_CODE, blocksize, shape, dtype)
     assert torch.equal(bits(ours), bits(reference))
-    if shape[-1] % blocksize == 0 or shape[-1] % 2 == 1:
+    if bnb_cpu_dequantize_sound(shape, blocksize):
         assert torch.equal(bits(ours).reshape(-1), bits(bnbF.dequantize_4bit(theirs, state)).reshape(-1))

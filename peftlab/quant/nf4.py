@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['NF4_CODE', 'FP4_CODE', 'INT4_CODE', 'FORMATS', 'normal_float_levels', 'check_blocksize', 'check_floating',
-           'blockwise_absmax', 'encode', 'pack_4bit', 'unpack_4bit', 'quantize_codebook', 'dequantize_codebook',
-           'quantize_nf4', 'dequantize_nf4', 'quantize_fp4', 'dequantize_fp4', 'quantize_int4', 'dequantize_int4',
-           'quantization_mse']
+__all__ = ['NF4_CODE', 'FP4_CODE', 'FP4_CODE_NEGATIVE_ZERO', 'INT4_CODE', 'FORMATS', 'normal_float_levels', 'check_blocksize',
+           'check_floating', 'blockwise_absmax', 'encode', 'pack_4bit', 'unpack_4bit', 'quantize_codebook',
+           'dequantize_codebook', 'quantize_nf4', 'dequantize_nf4', 'quantize_fp4', 'dequantize_fp4', 'quantize_int4',
+           'dequantize_int4', 'bnb_cpu_dequantize_path', 'bnb_cpu_dequantize_sound', 'quantization_mse']
 
 # %% ../../nbs/quant/00_nf4.ipynb #22006e78
 def normal_float_levels(offset:float=0.9677083,  # outermost probability: 1 - ½(1/30 + 1/32), as bitsandbytes rounds it
@@ -35,8 +35,10 @@ NF4_CODE = torch.tensor([  # bitsandbytes' NF4 table (`get_4bit_type("nf4")`), s
 
 # %% ../../nbs/quant/00_nf4.ipynb #ef3859cd
 FP4_CODE = torch.tensor([0, 0.0625, 8, 12, 4, 6, 2, 3,      # sign 0: e/m bits 000 .. 111
-                         0, -0.0625, -8, -12, -4, -6, -2, -3,  # sign 1 (bitsandbytes' -0 is +0)
+                         0, -0.0625, -8, -12, -4, -6, -2, -3,  # sign 1; code 8 is +0, as bitsandbytes' table has it
                         ], dtype=torch.float32) / 12
+FP4_CODE_NEGATIVE_ZERO = FP4_CODE.clone()
+FP4_CODE_NEGATIVE_ZERO[8] = -0.0  # code 8 as sign x magnitude: bitsandbytes' scalar CPU and CUDA kernels
 INT4_CODE = torch.arange(-7, 8, dtype=torch.float32) / 7  # 15 uniform levels, code 7 = 0
 
 # %% ../../nbs/quant/00_nf4.ipynb #fd89353e
@@ -141,9 +143,11 @@ def quantize_fp4(w:torch.Tensor, blocksize:int=64)->tuple[torch.Tensor,torch.Ten
     return quantize_codebook(w, FP4_CODE, blocksize)
 
 def dequantize_fp4(packed:torch.Tensor, absmax:torch.Tensor, shape:tuple|torch.Size, blocksize:int=64,
-                   dtype:torch.dtype=torch.bfloat16)->torch.Tensor:
+                   dtype:torch.dtype=torch.bfloat16,
+                   negative_zero:bool=False,  # code 8 as -0.0 (bitsandbytes' scalar CPU and CUDA kernels), not +0.0 (its table)
+                  )->torch.Tensor:
     "The dense weight that `quantize_fp4` packed."
-    return dequantize_codebook(packed, absmax, shape, FP4_CODE, blocksize, dtype)
+    return dequantize_codebook(packed, absmax, shape, FP4_CODE_NEGATIVE_ZERO if negative_zero else FP4_CODE, blocksize, dtype)
 
 def quantize_int4(w:torch.Tensor, blocksize:int=64)->tuple[torch.Tensor,torch.Tensor]:
     "Symmetric INT4 (levels -7..7 times absmax/7), packed like NF4."
@@ -153,6 +157,21 @@ def dequantize_int4(packed:torch.Tensor, absmax:torch.Tensor, shape:tuple|torch.
                     dtype:torch.dtype=torch.bfloat16)->torch.Tensor:
     "The dense weight that `quantize_int4` packed."
     return dequantize_codebook(packed, absmax, shape, INT4_CODE, blocksize, dtype)
+
+# %% ../../nbs/quant/00_nf4.ipynb #9aff7309
+def bnb_cpu_dequantize_path(shape:tuple|torch.Size,  # the dequantised tensor's shape
+                            blocksize:int,             # values per absmax block
+                           )->str:                     # "reference", "avx512" or "scalar"
+    "Which of bitsandbytes' CPU paths its `dequantize_4bit` takes for `shape` and `blocksize` on this machine."
+    from bitsandbytes.backends.cpu import ops as cpu_ops  # bitsandbytes 0.50's own dispatch tests, repeated
+    from bitsandbytes.cextension import lib
+    row = shape[-1]
+    if (cpu_ops._has_avx512 and blocksize >= 2048) or row % 2: return "reference"
+    return "avx512" if lib.has_avx512f_cpu() and row % 16 == 0 else "scalar"
+
+def bnb_cpu_dequantize_sound(shape:tuple|torch.Size, blocksize:int)->bool:
+    "Whether bitsandbytes' CPU `dequantize_4bit` scales every block with its own absmax for `shape` (see above)."
+    return not (bnb_cpu_dequantize_path(shape, blocksize) == "avx512" and shape[-1] % blocksize)
 
 # %% ../../nbs/quant/00_nf4.ipynb #4fd113fc
 FORMATS = {"nf4": NF4_CODE, "fp4": FP4_CODE, "int4": INT4_CODE}
