@@ -17,13 +17,16 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .data import encode_example, prompt_ids
 from .registry import method_callbacks
+from .distributed import (world_size, rank, is_main_process, init_distributed, init_single_process_group,
+    barrier, all_reduce_sum, broadcast_object, gather_objects, batch_rows, shard_batch, full_tensor, wrap_ddp, shard_model, is_fsdp)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_PREFIX', 'PARAMS_FILE', 'TRAINER_FILE', 'warmup_steps', 'lr_lambda', 'TrainLog', 'TrainState',
            'Callback', 'trainable_parameters', 'make_optimizer', 'Batches', 'compute_loss', 'to_device',
-           'seed_everything', 'rng_state', 'set_rng_state', 'rng_preserved', 'training_mode', 'atomic_dir',
-           'checkpoints', 'save_checkpoint', 'read_checkpoint', 'check_checkpoint_params', 'load_checkpoint',
-           'train_step', 'eval_loss', 'with_method_callbacks', 'fit', 'answer_nll', 'greedy_answers', 'evaluate']
+           'supervised_count', 'loss_sum', 'seed_everything', 'rng_state', 'set_rng_state', 'rng_preserved',
+           'training_mode', 'atomic_dir', 'checkpoints', 'save_checkpoint', 'read_checkpoint',
+           'check_checkpoint_params', 'load_checkpoint', 'train_step', 'eval_loss', 'with_method_callbacks',
+           'activation_checkpointing', 'fit', 'answer_nll', 'greedy_answers', 'evaluate']
 
 # %% ../../nbs/core/06_train.ipynb #58a008e4
 SCHEDULES = ("cosine", "linear", "constant")
@@ -94,14 +97,16 @@ class TrainState:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps: int                     # optimiser steps in the run
     step: int = 0                  # optimiser steps done
-    loss: float|None = None        # the last step's loss (mean over its accumulated batches)
+    loss: float|None = None        # the last step's loss: mean over its supervised tokens (all batches, all ranks)
     lr: float|None = None          # the learning rate the last step used
     grad_norm: float|None = None   # the gradients' norm before clipping (None without clipping)
-    batch: dict|None = None        # the batch being trained on (the last one of the step)
+    batch: dict|None = None        # the batch being trained on (the last one of the step; this rank's rows)
     position: int = 0              # batches drawn from the data so far
     log: TrainLog = field(default_factory=TrainLog)
     window: list = field(default_factory=list)  # losses of the steps since the last log row
     stop: bool = False             # set by a callback to end the run after this step
+    tokens: int = 0                # what the last step's loss averaged over: supervised tokens (or rows), all ranks
+    forward: nn.Module|None = None # what batches go through: the model, or its DistributedDataParallel wrapper
 
 class Callback:
     "Hooks into `fit`; override the ones you need. Each gets the `TrainState`."
@@ -188,6 +193,29 @@ def to_device(batch:dict, device:torch.device)->dict:
     "`batch` with its tensors on `device`."
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+# %% ../../nbs/core/06_train.ipynb #e28cecc0
+def supervised_count(batch:dict)->int:
+    "What the default loss averages over in `batch`: supervised tokens (`labels[:, 1:] != -100`) for token labels, else rows."
+    labels = batch.get("labels")
+    if not torch.is_tensor(labels): raise ValueError(f"the batch needs `labels` (it has {sorted(batch)})")
+    return int((labels[:, 1:] != -100).sum()) if labels.ndim >= 2 else labels.shape[0]
+
+def loss_sum(model:nn.Module,                 # the model (its `forward` names the inputs)
+             batch:dict,                      # one batch, on the model's device
+             objective:Callable|None=None,    # `objective(logits, labels, batch)`: a mean, or a pair `(sum, count)`
+             forward:nn.Module|None=None,     # what the batch goes through (a DDP wrapper of `model`); default `model`
+            )->tuple[torch.Tensor,int]:       # the loss summed over what it averages, and how many
+    "The batch's loss as `(sum, count)`: summed over its supervised tokens (or what the objective counts), and their number."
+    forward = forward or model
+    if objective is not None:
+        out = objective(forward(**_model_inputs(model, batch, labels=False)).logits, batch["labels"], batch)
+        if isinstance(out, tuple): return out[0], int(out[1])
+        rows = batch_rows(batch)
+        return out * rows, rows
+    n, out = supervised_count(batch), forward(**_model_inputs(model, batch, labels=True))
+    if out.loss is None: raise ValueError(f"the model returned no loss: the batch needs `labels` (it has {sorted(batch)})")
+    return (out.loss * n if n else out.logits.sum() * 0.0), n  # no tokens: a zero that still reaches every parameter
+
 # %% ../../nbs/core/06_train.ipynb #091b49ea
 def seed_everything(seed:int):
     "Seed `torch` (CPU and CUDA), `random` and `numpy`."
@@ -256,19 +284,30 @@ def checkpoints(directory:str|Path)->list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 # %% ../../nbs/core/06_train.ipynb #2b64c90f
+def _optimizer_state(state:TrainState)->dict:
+    "The optimiser's state dict; under FSDP gathered whole and keyed by parameter name (a collective)."
+    if not is_fsdp(state.model): return state.optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, StateDictOptions
+    return get_optimizer_state_dict(state.model, state.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
 def save_checkpoint(directory:str|Path, state:TrainState, callbacks:Iterable[Callback]=(), seconds:float=0.0)->Path:
-    "Write the training state after `state.step` steps to `directory`, atomically; remove older checkpoints."
-    directory = Path(directory); directory.mkdir(parents=True, exist_ok=True)
-    params = {n: p.detach().contiguous() for n, p in trainable_parameters(state.model)}
+    "Write the training state after `state.step` steps to `directory`, atomically, from rank 0; remove older checkpoints."
+    directory = Path(directory)
+    params = {n: full_tensor(p.detach()).cpu().contiguous() for n, p in trainable_parameters(state.model)}  # every rank: FSDP gathers
+    rngs = gather_objects(rng_state())  # each rank's generators: dropout differs between ranks
     trainer = dict(step=state.step, steps=state.steps, position=state.position, seconds=seconds,
-                   optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
-                   rng=rng_state(), callbacks=[cb.state_dict() for cb in callbacks], log=state.log.rows, window=state.window)
+                   optimizer=_optimizer_state(state), scheduler=state.scheduler.state_dict(), rng=rngs[0], rng_ranks=rngs,
+                   callbacks=[cb.state_dict() for cb in callbacks], log=state.log.rows, window=state.window)
     def write(tmp:Path):
         save_file(params, tmp/PARAMS_FILE)
         torch.save(trainer, tmp/TRAINER_FILE)
-    path = atomic_dir(directory/f"{CHECKPOINT_PREFIX}{state.step:08d}", write)
-    stale = [p for p in checkpoints(directory) if p != path] + list(directory.glob(f".{CHECKPOINT_PREFIX}*.tmp"))
-    for p in stale: shutil.rmtree(p, ignore_errors=True)  # older checkpoints, and writes a crash left unfinished
+    path = directory/f"{CHECKPOINT_PREFIX}{state.step:08d}"
+    if is_main_process():
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_dir(path, write)
+        stale = [p for p in checkpoints(directory) if p != path] + list(directory.glob(f".{CHECKPOINT_PREFIX}*.tmp"))
+        for p in stale: shutil.rmtree(p, ignore_errors=True)  # older checkpoints, and writes a crash left unfinished
+    barrier()  # the other ranks wait until the checkpoint is complete
     return path
 
 # %% ../../nbs/core/06_train.ipynb #03937f84
@@ -294,18 +333,28 @@ def check_checkpoint_params(saved:dict[str,torch.Tensor], model:nn.Module, path:
                              "resume with the config that wrote it")
 
 # %% ../../nbs/core/06_train.ipynb #cd0b9f81
+def _load_state(state:TrainState, saved:dict, optimizer_state:dict):
+    "Put saved parameters and optimiser state into the (possibly sharded) model and optimiser."
+    if is_fsdp(state.model):
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict, StateDictOptions
+        opts = StateDictOptions(full_state_dict=True, strict=False)  # every rank read the whole file; frozen weights stay
+        set_model_state_dict(state.model, saved, options=opts)
+        set_optimizer_state_dict(state.model, state.optimizer, optimizer_state, options=opts)
+        return
+    state.optimizer.load_state_dict(optimizer_state)
+    with torch.no_grad():
+        for n, p in trainable_parameters(state.model): p.copy_(saved[n])
+
 def load_checkpoint(path:str|Path, state:TrainState, callbacks:Iterable[Callback]=())->dict:
     "Put the state of checkpoint `path` into `state`'s model, optimiser, scheduler and the `callbacks`; return the trainer state."
     saved, trainer = read_checkpoint(path)
     check_checkpoint_params(saved, state.model, path)
     try:
-        state.optimizer.load_state_dict(trainer["optimizer"])
+        _load_state(state, saved, trainer["optimizer"])
         state.scheduler.load_state_dict(trainer["scheduler"])
     except (ValueError, KeyError) as e:
         raise ValueError(f"checkpoint {path}: the optimiser state does not fit this optimiser ({e}); resume with the "
                          "optimiser that wrote it") from e
-    with torch.no_grad():
-        for n, p in trainable_parameters(state.model): p.copy_(saved[n])
     for cb, sd in zip(callbacks, trainer["callbacks"]): cb.load_state_dict(sd)
     state.step, state.position, state.log, state.window = trainer["step"], trainer["position"], TrainLog(trainer["log"]), trainer["window"]
     return trainer
@@ -313,23 +362,40 @@ def load_checkpoint(path:str|Path, state:TrainState, callbacks:Iterable[Callback
 # %% ../../nbs/core/06_train.ipynb #58f104db
 def _device(model:nn.Module)->torch.device: return next(model.parameters()).device
 
+def _no_sync(forward:nn.Module, last:bool):
+    "Under DDP, skip the gradients' all-reduce on all but the last batch of a step (they accumulate locally)."
+    return forward.no_sync() if hasattr(forward, "no_sync") and not last else nullcontext()
+
+def _scale_grads(optimizer:torch.optim.Optimizer, factor:float):
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p.grad is not None: p.grad.mul_(factor)
+
 def _backward(state:TrainState, batches:Batches, grad_accum:int, bf16:bool, objective:Callable|None)->float:
-    "Accumulate the gradients of `grad_accum` batches; return their mean loss."
-    losses, dev = [], _device(state.model)
-    for _ in range(grad_accum):
-        state.batch = to_device(next(batches), dev)
-        with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext():
-            loss = compute_loss(state.model, state.batch, objective)
-        (loss / grad_accum).backward()
-        losses.append(loss.detach().float())
+    "Accumulate the gradients of this step's `grad_accum` batches (this rank's rows), normalised by the step's count on all ranks; return the per-token mean loss."
+    dev, world, forward = _device(state.model), world_size(), state.forward or state.model
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for i in range(grad_accum):
+        batch = next(batches)
+        state.batch = to_device(shard_batch(batch, rank(), world) if world > 1 else batch, dev)
+        with _no_sync(forward, i == grad_accum - 1):
+            with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                s, n = loss_sum(state.model, state.batch, objective, forward)
+            s.backward()
+        total, count = total + s.detach().double().cpu(), count + n
     state.position = batches.position
-    return torch.stack(losses).mean().item()
+    total, count = all_reduce_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])).tolist()
+    if count == 0: raise ValueError(f"step {state.step + 1} has no supervised tokens (every label is -100 in its "
+                                    f"{grad_accum} batch(es)): check the data's labels, or raise grad_accum")
+    _scale_grads(state.optimizer, world / count)  # DDP and FSDP averaged over the ranks; the step wants a sum / count
+    state.tokens = int(count)
+    return total / count
 
 def _clip(optimizer:torch.optim.Optimizer, max_grad_norm:float|None)->float|None:
     "Clip the gradients' joint norm to `max_grad_norm`; return the norm before clipping."
     if not max_grad_norm: return None
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    return torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item() if params else 0.0
+    return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)).item() if params else 0.0
 
 def train_step(state:TrainState, batches:Batches, grad_accum:int=1, max_grad_norm:float|None=1.0,
                bf16:bool=False, objective:Callable|None=None, callbacks:Iterable[Callback]=()):
@@ -376,12 +442,15 @@ def with_method_callbacks(model:nn.Module, callbacks:Iterable[Callback])->list[C
     return given + [cb for cb in method_callbacks(model) if not any(type(c) is type(cb) for c in given)]
 
 # %% ../../nbs/core/06_train.ipynb #cf9951eb
-def _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, resume):
+def _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, resume, fsdp=False, optimizer=None):
     if steps < 1: raise ValueError(f"steps={steps}: train for at least 1 step")
     if grad_accum < 1: raise ValueError(f"grad_accum={grad_accum}: accumulate at least 1 batch per step")
     if log_every < 1: raise ValueError(f"log_every={log_every}: log at least every step (1) or less often (> 1)")
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every and resume need checkpoint_dir=<a directory for the checkpoints>")
+    if fsdp and isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError("fsdp=True shards the parameters, so an optimiser built before cannot step them: pass the "
+                         "optimiser's class or a factory `params -> optimizer` instead of an instance")
 
 def _resume(state:TrainState, checkpoint_dir, callbacks)->tuple[int,dict|None]:
     "Load the newest checkpoint of `checkpoint_dir` into `state`; return the position and the trainer state."
@@ -394,25 +463,61 @@ def _resume(state:TrainState, checkpoint_dir, callbacks)->tuple[int,dict|None]:
                       "the learning-rate schedule continues along the new length")
     return trainer["position"], trainer
 
+def _resumed_rng(trainer:dict)->dict:
+    "This rank's generators from the checkpoint (rank 0's, with a warning, if the number of ranks changed)."
+    ranks = trainer.get("rng_ranks") or [trainer["rng"]]
+    if len(ranks) == world_size(): return ranks[rank()]
+    warnings.warn(f"the checkpoint was written by {len(ranks)} process(es) and this run has {world_size()}: every rank "
+                  "continues from rank 0's random state, so dropout will not repeat the original run's")
+    return trainer["rng"]
+
 def _log_row(state:TrainState, seconds:float)->dict:
     "Log the mean loss of the steps since the last row."
     row = dict(step=state.step, loss=sum(state.window) / len(state.window), lr=state.lr, grad_norm=state.grad_norm, seconds=seconds)
     state.log.rows.append(row); state.window = []
     return row
 
+# %% ../../nbs/core/06_train.ipynb #1800fba2
+@contextmanager
+def activation_checkpointing(model:nn.Module, on:bool=True):
+    "Recompute activations in backward (non-reentrant checkpointing) for the body; restore the model's setting afterwards."
+    if not on: yield model; return
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(model).__name__} does not support gradient checkpointing (transformers' "
+                         "`supports_gradient_checkpointing` is False): train with gradient_checkpointing=False")
+    was = model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try: yield model
+    finally:
+        if not was: model.gradient_checkpointing_disable()
+
+# %% ../../nbs/core/06_train.ipynb #5353f72d
+def _setup_engine(model:nn.Module, fsdp:bool)->nn.Module:
+    "Join the launcher's process group; shard the model (FSDP2) or wrap it in DDP; return what batches go through."
+    multi = init_distributed(_device(model))
+    if fsdp:
+        init_single_process_group()  # one process: FSDP over a mesh of one rank (a smoke test of the sharded path)
+        return shard_model(model)
+    return wrap_ddp(model) if multi else model
+
+def _evaluate_everywhere(state:TrainState, eval_data, eval_fn, objective, bf16)->dict:
+    "Rank 0 evaluates (every rank under FSDP, whose forward is a collective); every rank gets its metrics."
+    run = is_main_process() or is_fsdp(state.model)
+    return broadcast_object(_evaluate_now(state, eval_data, eval_fn, objective, bf16) if run else None)
+
 # %% ../../nbs/core/06_train.ipynb #83d5a855
 def fit(model:nn.Module,                 # a model whose trainable parameters (requires_grad) are trained in place
-        data:Iterable[dict]|Callable,    # batches (cycled), or a callable `index -> batch`
+        data:Iterable[dict]|Callable,    # batches (cycled), or a callable `index -> batch`; global batches when distributed
         steps:int,                       # optimiser steps
         lr:float=2e-4,                   # peak learning rate
         optimizer:torch.optim.Optimizer|Callable|None=None,  # see `make_optimizer`; default AdamW
         weight_decay:float=0.0,          # AdamW's weight decay, on matrices only
         warmup:float|int=0.1,            # warm-up: a fraction of `steps` (float) or a number of steps (int)
         schedule:str="cosine",           # after the warm-up: "cosine", "linear" or "constant"
-        grad_accum:int=1,                # batches whose gradients are averaged per step
+        grad_accum:int=1,                # batches per step; the loss is normalised by the step's supervised tokens
         max_grad_norm:float|None=1.0,    # clip the gradients' joint norm to this (None: no clipping)
         bf16:bool=False,                 # run forward passes under bfloat16 autocast
-        objective:Callable|None=None,    # `objective(logits, labels, batch)` instead of the model's loss
+        objective:Callable|None=None,    # `objective(logits, labels, batch)` (a mean, or `(sum, count)`) instead of the model's loss
         eval_data:Iterable[dict]|None=None,  # batches for the eval loss
         eval_every:int|None=None,        # evaluate every this many steps (and after the last); None: after the last
         eval_fn:Callable|None=None,      # `eval_fn(model) -> dict` of more metrics
@@ -421,18 +526,30 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
         resume:bool=False,               # continue from the newest checkpoint in `checkpoint_dir`
         seed:int=0,                      # seeds torch, random and numpy
         callbacks:Iterable[Callback]=(), # see `Callback`
-        progress:bool=True,              # show a tqdm bar with loss and lr
+        progress:bool=True,              # show a tqdm bar with loss and lr (rank 0 only)
         log_every:int=1,                 # a log row (mean loss since the last row) every this many steps
+        gradient_checkpointing:bool=False,  # recompute activations in backward (non-reentrant), trading time for memory
+        fsdp:bool=False,                 # shard the model with FSDP2 (`fully_shard`) instead of DDP; see core.distributed
        )->TrainLog:
-    "Train `model`'s trainable parameters for `steps` optimiser steps on `data`; return the log."
-    _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, resume)
+    "Train `model`'s trainable parameters for `steps` optimiser steps on `data`; return the log. Under `torchrun` it trains data-parallel."
+    _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, resume, fsdp, optimizer)
     seed_everything(seed)
     callbacks = with_method_callbacks(model, callbacks)
-    opt = make_optimizer(model, lr, weight_decay, optimizer)
-    state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, steps, warmup)), steps)
-    position, trainer = _resume(state, checkpoint_dir, callbacks) if resume else (0, None)
-    batches = Batches(data, start=position)
-    if trainer is not None: set_rng_state(trainer["rng"])
+    with activation_checkpointing(model, gradient_checkpointing):
+        forward = _setup_engine(model, fsdp)
+        opt = make_optimizer(model, lr, weight_decay, optimizer)
+        state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, steps, warmup)), steps, forward=forward)
+        position, trainer = _resume(state, checkpoint_dir, callbacks) if resume else (0, None)
+        batches = Batches(data, start=position)
+        if trainer is not None: set_rng_state(_resumed_rng(trainer))
+        return _loop(state, batches, trainer, grad_accum, max_grad_norm, bf16, objective, eval_data, eval_every, eval_fn,
+                     checkpoint_dir, checkpoint_every, callbacks, progress and is_main_process(), log_every)
+
+# %% ../../nbs/core/06_train.ipynb #5be25579
+def _loop(state, batches, trainer, grad_accum, max_grad_norm, bf16, objective, eval_data, eval_every, eval_fn,
+          checkpoint_dir, checkpoint_every, callbacks, progress, log_every)->TrainLog:
+    "`fit`'s loop: steps, log rows, evaluations and checkpoints until `state.steps` or a callback's stop."
+    steps, model, opt = state.steps, state.model, state.optimizer
     t0, before = time.perf_counter(), trainer["seconds"] if trainer else 0.0
     seconds = lambda: before + time.perf_counter() - t0
     evaluating = eval_data is not None or eval_fn is not None
@@ -446,7 +563,7 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
                 _log_row(state, seconds())
                 bar.set_postfix(loss=f"{state.loss:.4f}", lr=f"{state.lr:.2e}")
             if evaluating and _due(state.step, eval_every, steps):
-                metrics = _evaluate_now(state, eval_data, eval_fn, objective, bf16)
+                metrics = _evaluate_everywhere(state, eval_data, eval_fn, objective, bf16)
                 state.log.rows.append(dict(step=state.step, **metrics, seconds=seconds()))
                 _call(callbacks, "on_eval", state, metrics)
             if checkpoint_dir is not None and _due(state.step, checkpoint_every, steps):
