@@ -1,5 +1,5 @@
-"Write README.md from nbs/index.ipynb (markdown cells, visible code cells and their outputs).\n\n`--execute` runs the notebook first; `--check` fails if README.md is stale."
-import sys, nbformat
+"Write README.md from nbs/index.ipynb (markdown cells, visible code cells and what they print or show).\n\n`--execute` runs the notebook first (in a scratch folder: the tour writes `out/`); `--check` fails if README.md is stale."
+import sys, tempfile, nbformat
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -9,7 +9,8 @@ def _hidden(src): return any(l.strip() in ('#| hide', '#|hide') for l in src.spl
 def _outputs(cell):
     texts = []
     for o in cell.get('outputs', []):
-        if o.get('output_type') == 'stream': texts.append(o['text'])
+        if o.get('output_type') == 'stream':
+            if o.get('name') == 'stdout': texts.append(o['text'])  # stderr: progress bars and warnings
         elif 'text/markdown' in o.get('data', {}): texts.append(('MD', o['data']['text/markdown']))
         elif 'text/plain' in o.get('data', {}): texts.append(o['data']['text/plain'])
     return texts
@@ -29,9 +30,13 @@ def execute(path):
     "Run the notebook at `path` and store its outputs, so the README shows them."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
+    from fastcore.xtras import working_directory
+    from nbdev.clean import nbdev_clean
     nb = read_nb(path)
-    CaptureShell(path=path.parent).run_all(nb, exc_stop=True)
+    with tempfile.TemporaryDirectory() as scratch, working_directory(scratch):
+        CaptureShell().run_all(nb, exc_stop=True)
     write_nb(nb, path)
+    nbdev_clean(fname=str(path))
 
 def main():
     if '--execute' in sys.argv: execute(ROOT/'nbs'/'index.ipynb')
