@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check clean
+.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check clean lab lab-kernel docs docs-browser
 
 $(STAMP): setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -49,6 +49,28 @@ bench-kernels: $(STAMP)
 # on a lent GPU: notebook cuda cells, kernel tests, every kernel benchmark and QLoRA steps against PEFT + bitsandbytes
 gpu-check: $(STAMP)
 	bash kernels/gpu_check.sh
+
+# JupyterLab on nbs/, with the notebooks' kernel: this .venv's Python, registered as `peftlab`
+lab: lab-kernel
+	$(BIN)/jupyter lab nbs/
+
+lab-kernel: $(STAMP)
+	$(PY) -m ipykernel install --sys-prefix --name peftlab --display-name "peftlab (.venv)"
+
+# the documentation site in _docs/: every notebook executed (slow cells show their recorded results), about
+# 10-15 min on 2 cores the first time (later runs reuse _proc/docs_cache for notebooks that did not change);
+# then screenshots of the front page and a tutorial in _proc/docs_screenshots/ where Chromium is installed
+docs: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/docs.py --out _docs
+	@if $(MAKE) -s docs-browser; then $(PY) tools/docs.py --check _docs --screenshots _proc/docs_screenshots; \
+	  else echo "no screenshots: Chromium could not be installed"; fi
+	@echo "open _docs/index.html, or serve it: $(PY) -m http.server -d _docs"
+
+# headless Chromium, which tests/test_docs.py reads the site with (Debian's package)
+docs-browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium fonts-dejavu-core >/dev/null; }
 
 clean:
 	rm -rf $(VENV) _proc _docs
