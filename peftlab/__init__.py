@@ -11,6 +11,8 @@ from .core.models import load_model, load_tokenizer, tiny_llama
 from .core.surgery import find_targets, trainable_report
 from .core.registry import apply, methods, register, get_method
 from .core.adapter import merge, unmerge, unload, adapters
-from .core.io import save_adapter, load_adapter
+from .core.io import save_adapter, load_adapter, hotswap_adapter
+from .core.named import (adapter_names, active_adapters, set_adapter, disabled_adapters, delete_adapter,
+                                mixed_batch, adapter_parameters, adapter_param_groups)
 from .core.data import get_task, sft_loader, load_examples
 from .core.train import fit, evaluate

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from .surgery import find_targets, check_types, replace_module, freeze, LINEAR_TYPES, register_linear_type
 
 # %% auto #0
-__all__ = ['dense_weight', 'LayerAdapter', 'WeightMapAdapter', 'inject', 'adapters', 'merge', 'unmerge', 'unload',
-           'record_method', 'applied_method']
+__all__ = ['DEFAULT', 'BASE', 'dense_weight', 'LayerAdapter', 'bare_layer', 'WeightMapAdapter', 'RowGroups', 'adapter_chain',
+           'top_adapters', 'relink', 'inject', 'adapters', 'merge', 'unmerge', 'unload', 'record_method',
+           'adapter_records', 'applied_method']
 
 # %% ../../nbs/core/04_adapter.ipynb #e368939a
 def dense_weight(layer:nn.Module)->torch.Tensor:
@@ -20,8 +21,15 @@ def dense_weight(layer:nn.Module)->torch.Tensor:
     return layer.dequantize() if hasattr(layer, "dequantize") else layer.weight
 
 # %% ../../nbs/core/04_adapter.ipynb #58d387be
+DEFAULT, BASE = "default", "__base__"   # the name an adapter gets when none is given; the base model's name in a mixed batch
+
 class LayerAdapter(nn.Module):
     "A frozen `base_layer` plus a trainable update; subclasses define `delta_weight()`."
+    adapter_name = DEFAULT   # which named adapter this layer belongs to
+    active = True            # whether its update is added (`set_adapter` switches it)
+    stackable = True         # whether it may share a layer with other named adapters (its update ignores the base weight)
+    rows = None              # a `RowGroups` while a mixed batch runs: which rows each adapter serves
+
     def __init__(self, base_layer:nn.Module):
         super().__init__()
         self.base_layer, self.merged = base_layer, False
@@ -38,25 +46,34 @@ class LayerAdapter(nn.Module):
 
     def forward(self, x:torch.Tensor)->torch.Tensor:
         y = self.base_layer(x)
-        return y if self.merged else y + self.update(x)
+        if self.merged: return y
+        if self.rows is not None: return self.rows.add(self, x, y)
+        return y + self.update(x) if self.active else y
 
 # %% ../../nbs/core/04_adapter.ipynb #c89e43b1
+def bare_layer(layer:nn.Module)->nn.Module:
+    "The base layer under `layer` and every adapter stacked on it."
+    while isinstance(layer, LayerAdapter): layer = layer.base_layer
+    return layer
+
 def _check_mergeable(self:LayerAdapter):
-    if not isinstance(self.base_layer, nn.Linear):
-        raise TypeError(f"cannot merge into a {type(self.base_layer).__name__} base in place: dequantise the model "
+    if not isinstance(bare_layer(self), nn.Linear):
+        raise TypeError(f"cannot merge into a {type(bare_layer(self)).__name__} base in place: dequantise the model "
                         "first (or save the adapter and load it on an unquantised base)")
 
 def _merge(self:LayerAdapter):
     "Fold ΔW into the base weight."
     if self.merged: return
     _check_mergeable(self)
-    with torch.no_grad(): self.base_layer.weight += self.delta_weight().to(self.base_layer.weight.dtype)
+    w = bare_layer(self).weight
+    with torch.no_grad(): w += self.delta_weight().to(w.dtype)
     self.merged = True
 
 def _unmerge(self:LayerAdapter):
     "Take ΔW back out of the base weight."
     if not self.merged: return
-    with torch.no_grad(): self.base_layer.weight -= self.delta_weight().to(self.base_layer.weight.dtype)
+    w = bare_layer(self).weight
+    with torch.no_grad(): w -= self.delta_weight().to(w.dtype)
     self.merged = False
 
 LayerAdapter.merge, LayerAdapter.unmerge = _merge, _unmerge
@@ -64,6 +81,8 @@ LayerAdapter.merge, LayerAdapter.unmerge = _merge, _unmerge
 # %% ../../nbs/core/04_adapter.ipynb #d408f67d
 class WeightMapAdapter(LayerAdapter):
     "A `LayerAdapter` whose adapted weight is `M @ W + C`, `M` (out, out) invertible; subclasses define `weight_map()`."
+    stackable = False   # its update is (M - I) W x: it reads the weight under it
+
     def weight_map(self)->tuple[torch.Tensor,torch.Tensor]:
         "`(M, C)`: the adapted weight is `M @ W + C`."
         raise NotImplementedError(f"{type(self).__name__} does not define weight_map()")
@@ -91,6 +110,48 @@ def _adapter_state_dict(self:LayerAdapter)->dict[str,torch.Tensor]:
 
 LayerAdapter.adapter_state_dict = _adapter_state_dict
 
+# %% ../../nbs/core/04_adapter.ipynb #6a0d1e02
+class RowGroups:
+    "Which rows of a batch each named adapter serves: row `i` goes through `names[i]` (`\"__base__\"`: none)."
+    def __init__(self, names:list[str]): self.names, self._index = list(names), {}
+
+    def index(self, name:str, batch:int, device)->torch.Tensor|None:
+        "Row indices of adapter `name` in a batch of `batch` rows, or None if it serves none."
+        key = (batch, str(device))
+        if key not in self._index:
+            n = len(self.names)
+            if batch % n: raise ValueError(f"adapter_names has {n} entries but a layer sees {batch} rows: give one name per row")
+            per_row = [a for a in self.names for _ in range(batch // n)]   # as generate expands: each row repeated
+            self._index[key] = {a: torch.tensor([i for i, b in enumerate(per_row) if b == a], device=device) for a in set(per_row)}
+        return self._index[key].get(name)
+
+    def add(self, layer:LayerAdapter, x:torch.Tensor, y:torch.Tensor)->torch.Tensor:
+        "`y` plus `layer`'s update on the rows its adapter serves."
+        idx = self.index(layer.adapter_name, x.shape[0], x.device)
+        if idx is None: return y
+        if len(idx) == x.shape[0]: return y + layer.update(x)
+        return y.index_add(0, idx, layer.update(x[idx]).to(y.dtype))   # (B, ..., out), update on (k, ..., in) only
+
+# %% ../../nbs/core/04_adapter.ipynb #6a0d1e05
+def adapter_chain(layer:nn.Module)->list[LayerAdapter]:
+    "The adapters stacked at one position, outermost first."
+    chain = []
+    while isinstance(layer, LayerAdapter): chain.append(layer); layer = layer.base_layer
+    return chain
+
+def top_adapters(model:nn.Module)->dict[str,LayerAdapter]:
+    "The outermost adapter at each adapted position of `model`, by qualified name."
+    tops, last = {}, None
+    for n, m in model.named_modules():
+        if isinstance(m, LayerAdapter) and (last is None or not n.startswith(last + ".")): tops[n], last = m, n
+    return tops
+
+def relink(model:nn.Module, name:str, chain:list[LayerAdapter], bare:nn.Module):
+    "Put `chain` (outermost first) over `bare` at position `name` of `model`; an empty chain leaves `bare`."
+    for upper, lower in zip(chain, chain[1:]): upper.base_layer = lower
+    if chain: chain[-1].base_layer = bare
+    replace_module(model, name, chain[0] if chain else bare)
+
 # %% ../../nbs/core/04_adapter.ipynb #c9426510
 def inject(model:nn.Module,                           # changed in place
            targets:str|list[str],                     # see `find_targets`
@@ -106,18 +167,32 @@ def inject(model:nn.Module,                           # changed in place
     for name, module in new.items():
         replace_module(model, name, module)
         module.base_layer.requires_grad_(False)
+    from peftlab.core.named import enable_adapter_names   # `model(..., adapter_names=[...])` from now on
+    enable_adapter_names(model)
     return new
 
-def adapters(model:nn.Module)->dict[str,LayerAdapter]:
-    "The layer adapters in `model`, by qualified name."
-    return {n: m for n, m in model.named_modules() if isinstance(m, LayerAdapter)}
+def adapters(model:nn.Module, name:str|None=None)->dict[str,LayerAdapter]:
+    "The layer adapters in `model` (only those of adapter `name` if given), by qualified name."
+    return {n: m for n, m in model.named_modules() if isinstance(m, LayerAdapter) and name in (None, m.adapter_name)}
 
 # %% ../../nbs/core/04_adapter.ipynb #163f700e
-def merge(model:nn.Module, unload_adapters:bool=False)->nn.Module:
-    "Fold every adapter's update into its base layer; with `unload_adapters`, also remove the adapters."
-    for a in adapters(model).values(): a.merge()
+def _chosen(model:nn.Module, names)->Callable[[LayerAdapter],bool]:
+    "Which adapters `merge` takes: the active ones, or those of `names`."
+    if names is None: return lambda a: a.active
+    names = [names] if isinstance(names, str) else list(names)
+    if bad := [n for n in names if n not in adapter_records(model)]:
+        raise ValueError(f"no adapter named {bad}; the model has {list(adapter_records(model))}")
+    return lambda a: a.adapter_name in names
+
+def merge(model:nn.Module, unload_adapters:bool=False,
+          names:str|list[str]|None=None,   # the adapters to merge; default: the active ones
+         )->nn.Module:
+    "Fold adapters' updates into their base layers; with `unload_adapters`, also remove every adapter."
+    chosen = _chosen(model, names)
+    for a in adapters(model).values():
+        if chosen(a): a.merge()
     if unload_adapters:
-        for name, a in adapters(model).items(): replace_module(model, name, a.base_layer)
+        for name, top in top_adapters(model).items(): replace_module(model, name, bare_layer(top))
         _forget_method(model)
     return model
 
@@ -128,8 +203,9 @@ def unmerge(model:nn.Module)->nn.Module:
 
 def unload(model:nn.Module)->nn.Module:
     "Remove every adapter, restoring the base layers as they were (unmerged)."
-    for name, a in adapters(model).items():
-        a.unmerge(); replace_module(model, name, a.base_layer)
+    for name, top in top_adapters(model).items():
+        for a in adapter_chain(top): a.unmerge()
+        replace_module(model, name, bare_layer(top))
     _forget_method(model)
     return model
 
@@ -139,11 +215,20 @@ def record_method(model:nn.Module, name:str, config)->nn.Module:
     model.peftlab_method = (name, config)
     return model
 
-def applied_method(model:nn.Module):
-    "`(name, config)` of the method applied to `model`, or an error if there is none."
-    if not hasattr(model, "peftlab_method"):
-        raise ValueError("no peftlab method has been applied to this model: call `peftlab.apply(model, name, ...)` first")
-    return model.peftlab_method
+def adapter_records(model:nn.Module)->dict[str,tuple]:
+    "`{adapter name: (method, config)}` for every adapter on `model`, the first applied first."
+    if not hasattr(model, "peftlab_method"): return {}
+    return {getattr(model, "peftlab_name", DEFAULT): model.peftlab_method, **getattr(model, "peftlab_extra", {})}
+
+def applied_method(model:nn.Module, name:str|None=None):
+    "`(name, config)` of the method applied to `model` (as adapter `name`, default the first), or an error."
+    records = adapter_records(model)
+    if not records:
+        raise ValueError("no peftlab method has been applied to this model: call `peftlab.apply(model, method, ...)` first")
+    if name is None: return model.peftlab_method
+    if name not in records: raise ValueError(f"no adapter named {name!r}; the model has {list(records)}")
+    return records[name]
 
 def _forget_method(model:nn.Module):
-    if hasattr(model, "peftlab_method"): del model.peftlab_method
+    for k in ("peftlab_method", "peftlab_name", "peftlab_extra"):
+        if hasattr(model, k): delattr(model, k)

@@ -11,24 +11,41 @@ from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file
 from .registry import METHODS, get_method, discover, build_config
-from .adapter import applied_method, unload
+from .adapter import DEFAULT, LayerAdapter, applied_method, adapter_records, unload
+from .named import add_adapter, adapter_names, check_names, delete_adapter
 
 # %% auto #0
-__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'adapter_state', 'config_to_dict', 'config_json', 'atomic_write',
-           'saved_state', 'save_adapter', 'read_adapter', 'method_for', 'load_adapter']
+__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'adapter_tensors', 'adapter_state', 'config_to_dict', 'config_json',
+           'atomic_write', 'saved_state', 'save_adapter', 'read_adapter', 'method_for', 'load_adapter',
+           'hotswap_adapter']
 
 # %% ../../nbs/core/07_io.ipynb #37766f7d
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 
-def adapter_state(model:nn.Module)->dict[str,torch.Tensor]:
-    "Every tensor the applied method owns, keyed by its PEFT-style name."
-    state, claimed = {}, []
-    for name, module in model.named_modules():
-        if not hasattr(module, "adapter_state_dict") or any(name.startswith(c + ".") for c in claimed): continue
-        claimed.append(name)
-        for k, v in module.adapter_state_dict().items():
-            state[PREFIX + (f"{name}.{k}" if name else k)] = v.detach()
+def _position(name:str)->str:
+    "The position an adapter sits at: its qualified name less the `.base_layer` links of a stack of adapters."
+    while name.endswith(".base_layer"): name = name[:-len(".base_layer")]
+    return name
+
+def _inside(name:str, owners:list[str])->bool:
+    "Whether module `name` lies inside one of `owners` other than down its chain of base layers."
+    return any(name.startswith(o + ".") and name[len(o):].replace(".base_layer", "") for o in owners)
+
+def adapter_tensors(model:nn.Module, name:str|None=None)->dict[str,torch.Tensor]:
+    "The tensors adapter `name` (default: the first) owns, keyed by their PEFT-style name, sharing the model's storage."
+    first = next(iter(adapter_records(model)), DEFAULT)
+    name, state, owners = name or first, {}, []
+    for n, module in model.named_modules():
+        if not hasattr(module, "adapter_state_dict") or _inside(n, owners): continue
+        owners.append(n)
+        if (module.adapter_name if isinstance(module, LayerAdapter) else first) != name: continue
+        owner = _position(n)
+        for k, v in module.adapter_state_dict().items(): state[PREFIX + (f"{owner}.{k}" if owner else k)] = v
     return state
+
+def adapter_state(model:nn.Module, name:str|None=None)->dict[str,torch.Tensor]:
+    "Every tensor adapter `name` (default: the first applied) owns, keyed by its PEFT-style name."
+    return {k: v.detach() for k, v in adapter_tensors(model, name).items()}
 
 # %% ../../nbs/core/07_io.ipynb #b63badc0
 def _jsonable(v)->bool:
@@ -39,9 +56,9 @@ def config_to_dict(config)->dict:
     "The JSON-serialisable fields of a method's config dataclass."
     return {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if _jsonable(getattr(config, f.name))}
 
-def config_json(model:nn.Module)->dict:
-    "The adapter_config.json content for the method applied to `model`."
-    name, config = applied_method(model)
+def config_json(model:nn.Module, name:str|None=None)->dict:
+    "The adapter_config.json content for adapter `name` of `model` (default: the first applied)."
+    name, config = applied_method(model, name)
     method = get_method(name)
     if method.to_peft: return method.to_peft(config, model)
     return {"peftlab_method": name, "config": config_to_dict(config)}
@@ -60,20 +77,28 @@ def atomic_write(path:Path, write):
         if os.path.exists(tmp): os.remove(tmp)
         raise
 
-def saved_state(model:nn.Module)->dict[str,torch.Tensor]:
-    "The tensors `save_adapter` writes: the method's own layout if it has one, else `adapter_state`."
-    method = get_method(applied_method(model)[0])
-    return method.save_state(model) if method.save_state else adapter_state(model)
+def saved_state(model:nn.Module, name:str|None=None)->dict[str,torch.Tensor]:
+    "The tensors `save_adapter` writes for adapter `name`: the method's own layout if it has one, else `adapter_state`."
+    method = get_method(applied_method(model, name)[0])
+    return method.save_state(model) if method.save_state else adapter_state(model, name)
 
-def save_adapter(model:nn.Module,   # a model with a peftlab method applied
-                 directory:str|Path,  # created if missing
-                )->Path:
-    "Write the applied method's config and tensors to `directory`."
-    d = Path(directory); d.mkdir(parents=True, exist_ok=True)
-    cfg, state = config_json(model), saved_state(model)
+def _save_one(model:nn.Module, d:Path, name:str|None=None)->Path:
+    d.mkdir(parents=True, exist_ok=True)
+    cfg, state = config_json(model, name), saved_state(model, name)
     tensors = {k: v.contiguous().cpu() for k, v in state.items()}
     atomic_write(d/WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(d/CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))
+    return d
+
+def save_adapter(model:nn.Module,        # a model with a peftlab method applied
+                 directory:str|Path,     # created if missing
+                 name:str|None=None,     # one adapter, written to `directory` itself; default: all of them
+                )->Path:
+    "Write adapters' configs and tensors: adapter `name` to `directory`, or every adapter in PEFT's layout."
+    d = Path(directory)
+    if name is not None: return _save_one(model, d, check_names(model, name)[0])
+    applied_method(model)   # the error for a model without a method
+    for n in adapter_names(model): _save_one(model, d if n == DEFAULT else d/n, n)   # as PEFT's save_pretrained
     return d
 
 # %% ../../nbs/core/07_io.ipynb #0cf40234
@@ -137,16 +162,73 @@ def _keep_saving_base(model:nn.Module, own:dict):
         layer = model.get_submodule(owner)
         layer.saves_base = tuple(dict.fromkeys((*getattr(layer, "saves_base", ()), f"base_layer.{rest}")))
 
-def load_adapter(base:nn.Module,           # the base model, changed in place
-                 directory:str|Path,       # saved by `save_adapter` or by PEFT
-                )->nn.Module:
-    "Apply the adapter saved in `directory` to `base` and return it."
-    cfg, state = read_adapter(directory)
+def _check_state(have:dict[str,torch.Tensor], saved:dict[str,torch.Tensor], what:str):
+    "Raise unless `saved` has exactly the keys and shapes of `have`."
+    if missing := sorted(have.keys() - saved.keys()): raise KeyError(f"the saved adapter lacks {missing[:3]} ({len(missing)} tensors) that {what} has: saved for other targets or another model?")
+    if extra := sorted(saved.keys() - have.keys()): raise KeyError(f"the saved adapter has tensors {what} lacks: {extra[:3]} ({len(extra)} in all): saved for other targets or another model?")
+    for k, v in saved.items():
+        if have[k].shape != v.shape: raise ValueError(f"shape mismatch for {k}: saved {tuple(v.shape)}, {what} has {tuple(have[k].shape)} — saved from another base model or rank?")
+
+def _copy_named(model:nn.Module, state:dict[str,torch.Tensor], name:str):
+    "Copy saved tensors into adapter `name` in place, after checking that they fit exactly."
+    have = adapter_tensors(model, name)
+    _check_state(have, state, f"adapter {name!r}")
+    with torch.no_grad():
+        for k, v in state.items(): have[k].copy_(v)
+
+def _load_one(model:nn.Module, d:Path, name:str)->nn.Module:
+    "Add the adapter saved in `d` to `model` as adapter `name`."
+    cfg, state = read_adapter(d)
     method, kwargs = method_for(cfg)
     config = build_config(method.config, **kwargs)
-    model = method.apply(base, _for_loading(config))
-    try: (method.load_state or _copy_in)(model, state)
+    first = not adapter_names(model)
+    model = add_adapter(model, method, _for_loading(config), name)
+    try: (method.load_state or _copy_in)(model, state) if first else _copy_named(model, state, name)
     except Exception:
-        unload(model); raise
-    model.peftlab_method = (method.name, config)
+        if first: unload(model)
+        else: delete_adapter(model, name)
+        raise
+    if first: model.peftlab_method = (method.name, config)
+    else: model.peftlab_extra[name] = (method.name, config)
+    return model
+
+def load_adapter(base:nn.Module,           # the base model, changed in place
+                 directory:str|Path,       # saved by `save_adapter` or by PEFT
+                 name:str|None=None,       # load `directory` as this adapter; default: every adapter saved there
+                )->nn.Module:
+    "Apply the adapter(s) saved in `directory` to `base` and return it."
+    d = Path(directory)
+    if name is not None: return _load_one(base, d, name)
+    subs = sorted(p.parent.name for p in d.glob(f"*/{CONFIG_NAME}")) if d.is_dir() else []
+    todo = ([(d, DEFAULT)] if (d/CONFIG_NAME).exists() or not subs else []) + [(d/s, s) for s in subs]
+    done = []
+    try:
+        for path, n in todo: base = _load_one(base, path, n); done.append(n)
+    except Exception:
+        for n in reversed(done): delete_adapter(base, n)
+        raise
+    return base
+
+# %% ../../nbs/core/07_io.ipynb #7b1c0e02
+_SWAP_FREE = ("targets", "init", "init_data", "init_options")   # fields the saved tensors settle (or that only made them)
+
+def _config_differences(a, b)->list[str]:
+    "Config fields, other than those the tensors settle, on which configs `a` and `b` differ."
+    da, db = config_to_dict(a), config_to_dict(b)
+    return sorted(k for k in da.keys() | db.keys() if k not in _SWAP_FREE and da.get(k) != db.get(k))
+
+def hotswap_adapter(model:nn.Module,      # a model with adapter `name`
+                    directory:str|Path,   # an adapter saved for the same targets and ranks
+                    name:str=DEFAULT,     # the adapter whose weights are replaced
+                   )->nn.Module:
+    "Copy the weights saved in `directory` into adapter `name` in place: same modules, same parameter objects."
+    check_names(model, name)
+    cfg, state = read_adapter(directory)
+    method, kwargs = method_for(cfg)
+    have, config = applied_method(model, name)
+    if method.name != have: raise ValueError(f"{directory} holds a {method.name} adapter but adapter {name!r} is {have}: hot swap needs the same method (load it with load_adapter instead)")
+    if method.load_state: raise ValueError(f"{method.name} loads its own layout (load_state); hot swap copies default-layout tensors only: use load_adapter")
+    if diff := _config_differences(config, build_config(method.config, **kwargs)):
+        raise ValueError(f"{directory} differs from adapter {name!r} in {diff}: hot swap needs the same configuration (use load_adapter with another name)")
+    _copy_named(model, state, name)
     return model
