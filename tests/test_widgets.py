@@ -130,7 +130,9 @@ def test_picker_switches_method():
     p.picker.value = "dora"
     assert p.explorer.method.name == "dora" and p.explorer.report.trainable > lora  # DoRA adds a magnitude per row
     assert p.children[1] is p.explorer
-    assert all(m in explore_methods().picker.options for m in ("lora", "dora", "ia3"))
+    every = explore_methods()
+    assert all(m in every.picker.options for m in ("lora", "dora", "ia3")) and every.explorer.method.name == "lora"  # starts on LoRA
+    assert explore_methods(["ia3", "dora"]).explorer.method.name == "ia3"
 
 
 QUANT = [  # knob, value, how bits per parameter and error move from the default (nf4, 64, no double quant)

@@ -231,9 +231,10 @@ def explore_method(name:str,                # a registered method, see `methods(
 # %% ../../nbs/core/18_widgets.ipynb #9b479b38
 class MethodPicker(widgets.VBox):
     "A dropdown of methods above the explorer of the one picked."
-    def __init__(self, names:list[str], **kw):
+    def __init__(self, names:list[str], value:str|None=None, **kw):
         self.kw = kw
-        self.picker = widgets.Dropdown(options=list(names), description="method")
+        value = value or ("lora" if "lora" in names else names[0])
+        self.picker = widgets.Dropdown(options=list(names), value=value, description="method")
         self.picker.observe(lambda _: self._pick(), names="value")
         super().__init__([self.picker]); self._pick()
     def _pick(self):
@@ -242,11 +243,12 @@ class MethodPicker(widgets.VBox):
     def _repr_html_(self): return self.explorer._repr_html_()
 
 def explore_methods(names:list[str]|None=None,  # method names; None: every registered adapter
+                    value:str|None=None,        # the one shown first; None: "lora" where listed, else the first
                     **kw,                       # passed to `MethodExplorer` (steps, lr, ...)
                    )->MethodPicker:
     "A dropdown of methods, each with its explorer."
     discover()
-    return MethodPicker(names or sorted(n for n, m in METHODS.items() if m.category == "adapter"), **kw)
+    return MethodPicker(names or sorted(n for n, m in METHODS.items() if m.category == "adapter"), value, **kw)
 
 # %% ../../nbs/core/18_widgets.ipynb #3a3001f5
 def roundtrip_error(w:torch.Tensor,            # the weight, floating
