@@ -1,0 +1,183 @@
+"HF `Trainer` (and TRL's `SFTTrainer`) train a peftlab model unchanged: only the adapter moves, checkpoints load with `load_adapter`, resuming is exact, gradient checkpointing gives the same gradients."
+import functools, inspect, warnings
+from pathlib import Path
+import pytest, torch
+from torch import nn
+import transformers
+from transformers import Trainer, TrainingArguments, TrainerCallback
+from safetensors.torch import load_file
+from peftlab.core.models import tiny_llama, load_tokenizer
+from peftlab.core.registry import apply
+from peftlab.core.data import get_task, sft_loader
+from peftlab.core.io import load_adapter
+from peftlab.core.train import fit
+from peftlab.core.testing import assert_close
+from peftlab.core.trainers import (sft_dataset, sft_collator, prepare_for_trainer, checkpointing, has_input_grads,
+                                   AdapterCallback, training_state)
+
+# transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name still works, with a warning)
+GC = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters else "gradient_checkpointing"
+
+@functools.lru_cache
+def tok(): return load_tokenizer("tiny-llama")
+
+@functools.lru_cache
+def examples(): return get_task("arithmetic", 16, 0, seed=0, digits=1).train
+
+@functools.lru_cache
+def dataset(): return sft_dataset(examples(), tok())
+
+def lora_model(seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    return apply(tiny_llama(), "lora", r=4, targets="all-linear", dropout=dropout)
+
+def args(output_dir, **kw):
+    return TrainingArguments(str(output_dir), **{**dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True), **kw})
+
+def trainer(model, output_dir, callbacks=(), **kw):
+    t = Trainer(model=model, args=args(output_dir, **kw), train_dataset=dataset(), eval_dataset=dataset(),
+                data_collator=sft_collator(tok()), callbacks=list(callbacks))
+    t.remove_callback(transformers.trainer_callback.PrinterCallback)
+    return t
+
+def trainable(model): return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def frozen(model): return {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_dataset_and_collator_give_sft_loaders_batches(pack):
+    ds = sft_dataset(examples(), tok(), max_len=48, pack=pack)
+    loader = sft_loader(examples(), tok(), batch_size=4, shuffle=False, max_len=48, pack=pack)
+    assert len(ds) == len(loader.dataset)
+    for i, batch in enumerate(loader):
+        mine = sft_collator(tok())([ds[j] for j in range(4 * i, min(4 * i + 4, len(ds)))])
+        assert mine.keys() == batch.keys() and all(torch.equal(mine[k], batch[k]) for k in batch)
+
+def test_trainer_trains_only_the_adapter(tmp_path):
+    m = lora_model()
+    base, start = frozen(m), trainable(m)
+    t = trainer(m, tmp_path, max_steps=8)
+    before = t.evaluate()["eval_loss"]
+    t.train()
+    after = t.evaluate()["eval_loss"]
+    assert after < before - 0.1, (before, after)
+    assert all(torch.equal(p, base[n]) for n, p in frozen(m).items())            # the base: bit-identical
+    assert all(not torch.equal(p, start[n]) for n, p in trainable(m).items())    # every adapter tensor moved
+    assert {n.split(".")[-2] for n in start} == {"lora_A", "lora_B"}
+
+@pytest.mark.parametrize("full_weights", [True, False])
+def test_checkpoints_hold_a_loadable_adapter(tmp_path, full_weights):
+    m = lora_model()
+    trainer(m, tmp_path, [AdapterCallback(full_weights)], max_steps=4, save_strategy="steps", save_steps=2).train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "checkpoint-2", "checkpoint-4"]
+    weights = load_file(tmp_path/"checkpoint-4"/"model.safetensors")
+    if full_weights: assert any(".base_layer." in k for k in weights)   # Trainer's own save: the adapted module tree
+    else: assert weights.keys() == training_state(m).keys()
+    x = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    m.eval()
+    for d in (tmp_path, tmp_path/"checkpoint-4"):
+        assert torch.equal(load_adapter(tiny_llama(), d).eval()(x).logits, m(x).logits)
+    assert not torch.equal(load_adapter(tiny_llama(), tmp_path/"checkpoint-2").eval()(x).logits, m(x).logits)
+
+def test_callback_refuses_a_model_without_a_method(tmp_path):
+    m = tiny_llama()
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.raises(ValueError, match="peftlab.apply"): trainer(m, tmp_path, [AdapterCallback()]).train()
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+RESUME = [  # full checkpoint weights, gradient accumulation
+    (True, 1),
+    (False, 1),   # checkpoints that keep only the adapter
+    (True, 2),
+]
+
+@pytest.mark.parametrize("full_weights,grad_accum", RESUME)
+def test_resume_is_bit_identical(tmp_path, full_weights, grad_accum):
+    "Stopped after step 3 and resumed from its checkpoint, with dropout and a schedule, a run ends as one never stopped."
+    def run(out, resume=None, seed=0):
+        m = lora_model(seed, dropout=0.1)
+        t = trainer(m, out, [AdapterCallback(full_weights)], save_strategy="steps", save_steps=3, warmup_steps=2,
+                    lr_scheduler_type="cosine", per_device_train_batch_size=4 // grad_accum, gradient_accumulation_steps=grad_accum)
+        t.train(resume_from_checkpoint=resume)
+        return trainable(m), [h["loss"] for h in t.state.log_history if "loss" in h]
+    straight, losses = run(tmp_path/"a")
+    resumed, resumed_losses = run(tmp_path/"b", resume=tmp_path/"a"/"checkpoint-3", seed=1)  # other initial weights
+    assert resumed_losses == losses
+    assert all(torch.equal(resumed[n], straight[n]) for n in straight)
+    saved = load_file(tmp_path/"b"/"adapter_model.safetensors")
+    assert all(torch.equal(saved["base_model.model." + n], straight[n]) for n in straight)
+
+class FirstGrads(TrainerCallback):
+    "The adapter's gradients of the first optimiser step."
+    grads = None
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if self.grads is None: self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+def first_grads(tmp_path, model=None, callbacks=(), **kw):
+    grads = FirstGrads()
+    trainer(model or lora_model(dropout=0.1), tmp_path, [grads, *callbacks], max_steps=1, max_grad_norm=0, **kw).train()
+    return grads.grads
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, reentrant):
+    off = first_grads(tmp_path/"off")
+    on = first_grads(tmp_path/"on", **{GC: True, f"{GC}_kwargs": {"use_reentrant": reentrant}})
+    assert on.keys() == off.keys()
+    for n in off: assert_close(on[n], off[n], msg=n)
+
+def checkpointed_by_hand():
+    "Reentrant checkpointing switched on outside Trainer without the input-grad hook (as with transformers < 5.24)."
+    m = lora_model(dropout=0.1)
+    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    m.disable_input_require_grads()
+    return m
+
+def test_reentrant_checkpointing_without_the_hook_is_fixed_by_the_callback(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch: "None of the inputs have requires_grad=True"
+        with pytest.raises(RuntimeError, match="does not require grad"): first_grads(tmp_path/"plain", checkpointed_by_hand())
+    m = checkpointed_by_hand()
+    got = first_grads(tmp_path/"callback", m, [AdapterCallback()])
+    assert checkpointing(m) and has_input_grads(m)
+    off = first_grads(tmp_path/"off")
+    for n in off: assert_close(got[n], off[n], msg=n)
+
+def test_prepare_for_trainer():
+    m = prepare_for_trainer(lora_model(), gradient_checkpointing=True)
+    assert checkpointing(m) and has_input_grads(m) and not m.config.use_cache
+    m = prepare_for_trainer(lora_model())
+    assert not checkpointing(m) and not has_input_grads(m)     # nothing asked, nothing on: nothing changed
+    hooks = prepare_for_trainer(prepare_for_trainer(lora_model(), gradient_checkpointing=True))._require_grads_hooks
+    assert len(hooks) == 1                                        # preparing twice adds no second hook
+
+class NoEmbeddings(nn.Module):
+    "A model with a peftlab method and layers that could be checkpointed, but no input embeddings to hook."
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+BAD = [  # model, arguments, error, message
+    (lambda: tiny_llama(), dict(gradient_checkpointing=True), ValueError, "peftlab.apply"),
+    (lambda: tiny_llama(), dict(), ValueError, "peftlab.apply"),
+    (lambda: apply(NoEmbeddings(), "lora", r=2, targets=["proj"]), dict(gradient_checkpointing=True), TypeError, "use_reentrant': False"),
+]
+
+@pytest.mark.parametrize("make,kw,error,message", BAD)
+def test_prepare_for_trainer_refuses_clearly(make, kw, error, message):
+    m = make()
+    before = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.raises(error, match=message): prepare_for_trainer(m, **kw)
+    assert not checkpointing(m) and not has_input_grads(m)
+    assert all(torch.equal(p, before[n]) for n, p in m.named_parameters())
+
+def test_trainer_and_fit_train_the_same_adapter(tmp_path):
+    "Same start, same batches in order, AdamW at a constant rate: the same losses (1e-6) and adapters (float32 rounding)."
+    a, b = lora_model(), lora_model()
+    t = trainer(a, tmp_path, max_steps=8, lr_scheduler_type="constant", optim="adamw_torch", train_sampling_strategy="sequential")
+    t.train()
+    log = fit(b, sft_loader(examples(), tok(), batch_size=4, shuffle=False), steps=8, lr=1e-2, warmup=0, schedule="constant", progress=False)
+    losses = [h["loss"] for h in t.state.log_history if "loss" in h]
+    assert len(losses) == 8 and all(abs(x - y) <= 1e-6 * abs(y) for x, y in zip(losses, log.losses))
+    pb = trainable(b)
+    gaps = {n: ((p - pb[n]).norm() / pb[n].norm()).item() for n, p in trainable(a).items()}
+    assert max(gaps.values()) < 1e-4, max(gaps.items(), key=lambda kv: kv[1])  # Adam's 1/sqrt(v) amplifies last-bit differences
