@@ -3,7 +3,7 @@
 Run by pytest, this module launches itself under `torchrun --nproc_per_node 2` (see `worker`) once per engine,
 and compares what rank 0 wrote with the same job run here in one process.
 """
-import os, sys
+import os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 
@@ -11,7 +11,7 @@ OMP = os.environ.setdefault("OMP_NUM_THREADS", "1")
 import peftlab as pl
 from peftlab.core.train import fit, Callback, trainable_parameters, checkpoints
 from peftlab.core.distributed import (torchrun, full_state_dict, is_main_process, world_size, rank, shard_batch,
-                                      check_not_sharded, is_sharded, init_single_process_group)
+                                      check_not_sharded, is_sharded, free_port)
 
 SEQ, ROWS = 16, 4
 ANSWERS = [[1, 15, 3, 9], [12, 2, 7, 1], [5, 5, 14, 2]]  # supervised tokens per row: rank 0 and rank 1 get unequal counts
@@ -78,6 +78,10 @@ def resume_job(directory, fsdp=False):
 def worker(mode, out):
     "What each rank runs under torchrun; rank 0 saves the results to `out`."
     torch.set_num_threads(1)
+    if mode == "accelerate":
+        if is_main_process(): torch.save(dict(world=world_size(), lora=train("lora")), out)
+        else: train("lora")
+        return
     fsdp = mode == "fsdp"
     res = dict(world=world_size(), parity={job: train(job, fsdp) for job in (["lora", "lora_accum"] if fsdp else JOBS)},
                resume=resume_job(Path(out).parent, fsdp))
@@ -141,6 +145,18 @@ def test_resume_is_bit_identical(request, mode):
     assert res["resumed_losses"] == res["losses"]
     assert set(res["resumed_state"]) == set(res["state"])
     assert all(torch.equal(res["resumed_state"][n], res["state"][n]) for n in res["state"])
+
+def test_accelerate_launch_equals_one_process(tmp_path, single):
+    "`accelerate launch` starts the ranks as torchrun does; `fit` needs no Accelerator. (`--cpu` would start one process"
+    " in accelerate 1.x without MPI; `--multi_gpu` with no GPU visible runs torchrun's launcher, and `fit` picks gloo.)"
+    out = tmp_path / "acc.pt"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), __file__, "accelerate", out]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = torch.load(out, weights_only=False)
+    assert res["world"] == 2
+    assert_same_adapter(res["lora"]["state"], single["lora"]["state"])
 
 def test_fsdp_in_one_process_equals_plain(single):
     "fsdp=True without a launcher shards over a mesh of one rank: the same numbers."
