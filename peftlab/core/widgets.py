@@ -58,10 +58,11 @@ def field_knob(name:str,                   # the field's name, the widget's labe
     kw = dict(description=name, tooltip=doc or name, style=dict(description_width="initial"))
     args = set(typing.get_args(hint))
     if hint is bool: return widgets.Checkbox(value=value, indent=False, **kw), bool
+    kw["continuous_update"] = False  # sliders and text boxes report on release and on enter, not on every step
     if hint in (int, float) and isinstance(value, (int, float)): return _number_widget(hint, value, **kw), hint
     if hint is str:
         opts = list(dict.fromkeys([value, *quoted_choices(doc), *(choices or [])]))
-        if len(opts) > 1: return widgets.Dropdown(options=opts, value=value, **kw), str
+        if len(opts) > 1: return widgets.Dropdown(options=opts, value=value, **{k: v for k, v in kw.items() if k != "continuous_update"}), str
         return widgets.Text(value=value, **kw), str
     if args == {str, list}:
         text = value if isinstance(value, str) else ", ".join(value)
