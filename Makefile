@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check clean lab lab-kernel docs docs-browser
+.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check clean lab lab-kernel docs docs-browser tutorials
 
 $(STAMP): setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -65,6 +65,11 @@ docs: $(STAMP)
 	@if $(MAKE) -s docs-browser; then $(PY) tools/docs.py --check _docs --screenshots _proc/docs_screenshots; \
 	  else echo "no screenshots: Chromium could not be installed"; fi
 	@echo "open _docs/index.html, or serve it: $(PY) -m http.server -d _docs"
+
+# the tutorials keep their outputs in git: run their default (non-slow) cells, seeded, and store what they show
+tutorials: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) tools/docs.py --store-outputs $$(ls nbs/tutorials/[!_]*.ipynb)
+	$(BIN)/nbdev_clean --fname nbs/tutorials
 
 # headless Chromium, which tests/test_docs.py reads the site with (Debian's package)
 docs-browser:

@@ -148,7 +148,7 @@ def store_outputs(nb_path:Path):
     os.environ.pop(SLOW_GATE, None)
     os.environ.setdefault('OMP_NUM_THREADS', '1')
     nb = read_nb(nb_path)
-    work = Path(tempfile.mkdtemp(prefix='peftlab-nb-'))
+    work, here = Path(tempfile.mkdtemp(prefix='peftlab-nb-')), os.getcwd()
     shutil.copytree(nb_path.parent, work/'nb')
     os.chdir(work/'nb')
     shell = CaptureShell(path=work/'nb')
@@ -158,6 +158,7 @@ def store_outputs(nb_path:Path):
         shell.cell(cell)
         if shell.exc: raise RuntimeError(f'{nb_path.name}: a cell failed:\n{cell.source}') from shell.exc
     write_nb(nb, nb_path)
+    os.chdir(here)
     shutil.rmtree(work, ignore_errors=True)
 
 # ---------------------------------------------------------------------------------------------------------
