@@ -51,6 +51,8 @@ def method_problem(method:Method, config=None, new:bool=False)->str|None:
     "Why `method` (with `config`, as a `new` adapter) cannot share a model with other named adapters (None if it can)."
     if method.callbacks: return f"{method.name} trains with callbacks that act on the whole model"
     if method.save_state or method.load_state: return f"{method.name} saves the model in a layout of its own"
+    if new and method.category != "adapter":
+        return f"{method.name} is an {method.category} method: it reads the base weights (and may rewrite or replace them)"
     init = getattr(config, "init", None)
     if new and init is not None and init not in PLAIN_INITS:
         return (f"its init {init!r} reads the base weights (and may rewrite them); a new adapter beside others starts "
