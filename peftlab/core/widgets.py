@@ -12,6 +12,7 @@ import ipywidgets as widgets
 from fastcore.docments import docments
 from fastcore.basics import patch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from .models import tiny_llama, load_tokenizer
 from .registry import get_method, apply, discover, METHODS
 from .surgery import trainable_report
@@ -196,6 +197,7 @@ def draw(self:MethodExplorer):
     self.figure = Figure(figsize=(5.5, 3)); ax = self.figure.subplots()
     for label, log in self.runs.items(): ax.plot(log.steps, log.losses, marker=".", label=label)
     ax.set(xlabel="step", ylabel="training loss", title=f"{self.method.name} on tiny-llama"); ax.legend(fontsize=7)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     show_figure(self.output, self.figure)
 
 # %% ../../nbs/core/18_widgets.ipynb #769d6a8e
@@ -294,7 +296,7 @@ def refresh(self:QuantExplorer):
                       max_abs_error=self.error.abs().max().item())
     self.stats_html.value = self._stats_html()
     self.figure = Figure(figsize=(5.5, 3)); ax = self.figure.subplots()
-    ax.hist(self.error.reshape(-1).numpy(), bins=100, log=True)
+    ax.hist(self.error.reshape(-1).numpy(), bins=100, log=True); ax.locator_params(axis="x", nbins=5)
     ax.set(xlabel="w − dequant(quant(w))", ylabel="count", title=f"{self.fmt.value}, blocksize {self.blocksize.value}"
            + (", double quant" if self.double_quant.value else ""))
     show_figure(self.output, self.figure)
@@ -308,7 +310,10 @@ def _stats_html(self:QuantExplorer)->str:
 @patch
 def _repr_html_(self:QuantExplorer)->str:
     "The current choices, numbers and histogram, for a page where widgets do not run."
-    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v, "") for k, v in self.stats.items()]
+    notes = dict(format="4-bit codebook", blocksize=self.blocksize.tooltip, double_quant=self.double_quant.tooltip,
+                 bits_per_parameter="the code plus its share of the constants", mse_over_var="round-trip MSE / Var(w)",
+                 max_abs_error="largest |w − dequant(quant(w))|")
+    rows = [(k, f"{v:.4g}" if isinstance(v, float) else v, notes[k]) for k, v in self.stats.items()]
     return f"<p><b>4-bit round trip</b> of {html.escape(self.name)}</p>" + _table_html(rows) + _img_html(self.figure)
 
 # %% ../../nbs/core/18_widgets.ipynb #0ef98496
