@@ -3,6 +3,7 @@ import sys, tempfile, nbformat
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+WIDGET = 'application/vnd.jupyter.widget-view+json'
 
 def _hidden(src): return any(l.strip() in ('#| hide', '#|hide') for l in src.splitlines())
 
@@ -11,6 +12,7 @@ def _outputs(cell):
     for o in cell.get('outputs', []):
         if o.get('output_type') == 'stream':
             if o.get('name') == 'stdout': texts.append(o['text'])  # stderr: progress bars and warnings
+        elif WIDGET in o.get('data', {}): continue   # a widget's text form is its constructor call, not what a reader sees
         elif 'text/markdown' in o.get('data', {}): texts.append(('MD', o['data']['text/markdown']))
         elif 'text/plain' in o.get('data', {}): texts.append(o['data']['text/plain'])
     return texts
