@@ -494,6 +494,10 @@ def activation_checkpointing(model:nn.Module, on:bool=True):
 # %% ../../nbs/core/06_train.ipynb #5353f72d
 def _setup_engine(model:nn.Module, fsdp:bool)->nn.Module:
     "Join the launcher's process group; shard the model (FSDP2) or wrap it in DDP; return what batches go through."
+    own = [type(cb).__name__ for cb in method_callbacks(model)]
+    if own and (fsdp or world_size() > 1):
+        raise ValueError(f"this model's method trains with its own callbacks ({', '.join(own)}), which are not checked "
+                         f"{'under FSDP' if fsdp else 'across processes'} yet: train it in one process without fsdp")
     multi = init_distributed(_device(model))
     if fsdp:
         init_single_process_group()  # one process: FSDP over a mesh of one rank (a smoke test of the sharded path)
