@@ -5,8 +5,8 @@
 # %% ../../nbs/core/02_surgery.ipynb #9588b1ac
 from __future__ import annotations
 import re
-from collections import defaultdict
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 
@@ -91,13 +91,15 @@ class TrainableReport:
     trainable: int        # parameters with requires_grad
     total: int            # all parameters
     by_module: dict       # module class -> trainable parameters it holds
+    notes: dict = field(default_factory=dict)  # "what: value" -> layers saying it (modules with `report_notes()`)
 
     @property
     def fraction(self)->float: return self.trainable / max(self.total, 1)
     def __repr__(self):
         parts = ", ".join(f"{k}: {v:,}" for k, v in self.by_module.items())
+        notes = "; ".join(f"{k} ({n} layers)" for k, n in self.notes.items())
         return (f"trainable: {self.trainable:,} / {self.total:,} ({100*self.fraction:.4f}%)"
-                + (f" — {parts}" if parts else ""))
+                + (f" — {parts}" if parts else "") + (f"; {notes}" if notes else ""))
 
 def _owner(model:nn.Module)->dict[str,str]:
     "Parameter name -> class name of the outermost adapter (or module) that holds it."
@@ -118,4 +120,9 @@ def trainable_report(model:nn.Module)->TrainableReport:
         if id(p) in seen: continue  # tied weights count once
         seen.add(id(p)); total += p.numel()
         if p.requires_grad: trainable += p.numel(); by[owners.get(n, "?")] += p.numel()
-    return TrainableReport(trainable, total, dict(by))
+    return TrainableReport(trainable, total, dict(by), _notes(model))
+
+def _notes(model:nn.Module)->dict[str,int]:
+    "How many layers say each of the things their `report_notes()` say (a quantised layer's backend, ...)."
+    said = [f"{k}: {v}" for m in model.modules() if hasattr(m, "report_notes") for k, v in m.report_notes().items()]
+    return dict(Counter(said))

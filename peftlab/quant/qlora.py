@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 import torch.nn.functional as F
-from .nf4 import NF4_CODE, quantize_nf4, dequantize_nf4, check_blocksize
+from .nf4 import NF4_CODE, quantize_nf4, dequantize_nf4, check_blocksize, bnb_cpu_dequantize_path, bnb_cpu_dequantize_sound
 from .double_quant import quantize_absmax, dequantize_absmax, ABSMAX_BLOCKSIZE
 from ..core.adapter import register_linear_type, record_method, adapters, LayerAdapter
 from ..core.surgery import find_targets, check_types, replace_module
@@ -18,8 +18,9 @@ from ..core.registry import register
 from ..adapters.lora import LoraConfig, apply_lora, _to_peft as lora_to_peft
 
 # %% auto #0
-__all__ = ['BACKENDS', 'NF4MatMul', 'as_dtype', 'NF4Linear', 'bnb_quant_state', 'quantized_layers', 'quantization_targets',
-           'quantize_model', 'dequantize_model', 'memory_report', 'QLoraConfig', 'apply_qlora']
+__all__ = ['BACKENDS', 'NF4MatMul', 'as_dtype', 'bnb_supports', 'triton_available', 'resolve_backend', 'NF4Linear',
+           'bnb_quant_state', 'quantized_layers', 'quantization_targets', 'quantize_model', 'dequantize_model',
+           'memory_report', 'QLoraConfig', 'apply_qlora']
 
 # %% ../../nbs/quant/03_qlora.ipynb #6c95f4e9
 class NF4MatMul(torch.autograd.Function):
@@ -36,7 +37,7 @@ class NF4MatMul(torch.autograd.Function):
         return grad_x, None, grad_bias
 
 # %% ../../nbs/quant/03_qlora.ipynb #34e558a4
-BACKENDS = ("torch", "bnb", "triton")
+BACKENDS = ("auto", "torch", "bnb", "triton")
 
 def as_dtype(dtype:torch.dtype|str)->torch.dtype:
     "A torch dtype from a dtype or its name (`'bfloat16'`, `'torch.float16'`)."
@@ -49,6 +50,40 @@ def as_dtype(dtype:torch.dtype|str)->torch.dtype:
 def _check_backend(backend:str):
     if backend not in BACKENDS: raise ValueError(f"unknown backend {backend!r}: choose one of {BACKENDS}")
 
+# %% ../../nbs/quant/03_qlora.ipynb #25eadb24
+def bnb_supports(device:torch.device|str)->bool:
+    "Whether bitsandbytes is installed and registers a 4-bit kernel for `device`'s type."
+    try: import bitsandbytes  # noqa: F401 -- importing it registers its kernels
+    except ImportError: return False
+    key = torch.device(device).type.upper()
+    return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", key)
+
+def triton_available()->bool:
+    "Whether Triton and peftlab's NF4 kernel import."
+    try: import peftlab.kernels.nf4  # noqa: F401
+    except ImportError: return False
+    return True
+
+def _bnb_cpu_kernel(shape, blocksize)->bool:
+    "Whether bitsandbytes dequantises `shape` on CPU with its C++ kernel, correctly."
+    return bnb_cpu_dequantize_path(shape, blocksize) != "reference" and bnb_cpu_dequantize_sound(shape, blocksize)
+
+def resolve_backend(backend:str,                  # "auto", "torch", "bnb" or "triton"
+                    device:torch.device|str,      # where the layer's buffers are
+                    shape:tuple[int,int]|None=None,  # the layer's (out, in), for bitsandbytes' CPU kernel
+                    blocksize:int=64,
+                   )->str:
+    "The backend `backend` means on `device`: `auto` becomes triton (CUDA), bnb (where its kernel is right) or torch."
+    _check_backend(backend)
+    device = torch.device(device)
+    cpu_ok = device.type != "cpu" or shape is None or _bnb_cpu_kernel(shape, blocksize)
+    if backend == "bnb" and not cpu_ok and bnb_cpu_dequantize_path(shape, blocksize) != "reference":
+        raise ValueError(f"bitsandbytes' CPU kernel on this machine mis-scales a {shape} NF4 weight in blocks of {blocksize} "
+                         "(its AVX-512 branch, rows not a multiple of the blocksize): use backend='torch' or 'auto'")
+    if backend != "auto": return backend
+    if device.type == "cuda" and triton_available(): return "triton"
+    return "bnb" if bnb_supports(device) and cpu_ok else "torch"
+
 # %% ../../nbs/quant/03_qlora.ipynb #0e2fa21d
 class NF4Linear(nn.Module):
     "A frozen linear layer stored in NF4 (optionally with double-quantised scales); forward dequantises, then multiplies."
@@ -56,7 +91,7 @@ class NF4Linear(nn.Module):
                  blocksize:int=64,                   # weights per absmax, a power of two >= 64
                  double_quant:bool=False,            # store the absmax constants in 8 bits
                  compute_dtype:torch.dtype|str=torch.float32,  # dtype the weight is dequantised to
-                 backend:str="torch",                # "torch" (reference), "bnb" (bitsandbytes) or "triton"
+                 backend:str="auto",                 # "auto", "torch" (reference), "bnb" (bitsandbytes) or "triton"
                  device=None):
         super().__init__()
         check_blocksize(blocksize); _check_backend(backend)
@@ -73,9 +108,22 @@ class NF4Linear(nn.Module):
     @property
     def shape(self)->tuple[int,int]: return (self.out_features, self.in_features)
 
+    @property
+    def resolved_backend(self)->str:
+        "The backend that runs on the device this layer's buffers are on (`backend` unless it is 'auto')."
+        dev = self.packed.device
+        if getattr(self, "_resolved", (None,))[0] != (self.backend, dev):  # resolved once per device, not per call
+            self._resolved = ((self.backend, dev), resolve_backend(self.backend, dev, self.shape, self.blocksize))
+        return self._resolved[1]
+
+    def report_notes(self)->dict[str,str]:
+        "What `trainable_report` says about this layer."
+        return {"NF4 backend": self.resolved_backend}
+
     def extra_repr(self):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}, backend={self.backend!r}")
+                f"blocksize={self.blocksize}, double_quant={self.double_quant}, compute_dtype={self.compute_dtype}, "
+                f"backend={self.backend!r}" + (f" ({self.resolved_backend})" if self.backend == "auto" else ""))
 
 # %% ../../nbs/quant/03_qlora.ipynb #0ff587fe
 @torch.no_grad()
@@ -93,7 +141,7 @@ def _quantize_(self:NF4Linear, weight:torch.Tensor)->NF4Linear:
 
 @classmethod
 def _from_linear(cls, linear:nn.Linear, blocksize:int=64, double_quant:bool=False,
-                 compute_dtype:torch.dtype|str=torch.float32, backend:str="torch",
+                 compute_dtype:torch.dtype|str=torch.float32, backend:str="auto",
                  weight:torch.Tensor|None=None,  # quantise this instead of `linear.weight` (LQ-LoRA's residual)
                 )->NF4Linear:
     "An `NF4Linear` holding `linear`'s weight in NF4 and its bias as it was."
@@ -145,7 +193,7 @@ def _forward_triton(layer, x):
 _FORWARDS = dict(torch=_forward_torch, bnb=_forward_bnb, triton=_forward_triton)
 
 def _forward(self:NF4Linear, x:torch.Tensor)->torch.Tensor:
-    return _FORWARDS[self.backend](self, x.to(self.compute_dtype)).to(x.dtype)
+    return _FORWARDS[self.resolved_backend](self, x.to(self.compute_dtype)).to(x.dtype)
 
 NF4Linear.forward = _forward
 register_linear_type(NF4Linear)  # layer adapters (LoRA, DoRA, ...) wrap it like an nn.Linear
@@ -174,7 +222,7 @@ def quantize_model(model:nn.Module,                  # changed in place
                    blocksize:int=64,                 # weights per absmax
                    double_quant:bool=False,          # store the absmax constants in 8 bits
                    compute_dtype:torch.dtype|str=torch.float32,  # dtype the weights are dequantised to
-                   backend:str="torch",              # "torch", "bnb" or "triton"
+                   backend:str="auto",               # "auto", "torch", "bnb" or "triton"
                   )->nn.Module:
     "Replace the target linear layers of `model` with frozen `NF4Linear` layers."
     for name, layer in quantization_targets(model, targets).items():
@@ -208,7 +256,7 @@ class QLoraConfig(LoraConfig):
     blocksize: int = 64             # weights per absmax of the NF4 base
     double_quant: bool = False      # store the absmax constants in 8 bits
     compute_dtype: str = "float32"  # dtype the base is dequantised to: "bfloat16" as in the paper on GPUs
-    backend: str = "torch"          # NF4 matmul: "torch", "bnb" or "triton"
+    backend: str = "auto"           # NF4 matmul: "auto" (triton on CUDA, else bitsandbytes, else torch), "torch", "bnb", "triton"
 
 def _qlora_to_peft(config:QLoraConfig, model:nn.Module)->dict:
     "PEFT's LoRA adapter_config.json, plus the key that tells peftlab to rebuild the NF4 base."
