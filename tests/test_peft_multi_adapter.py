@@ -68,7 +68,8 @@ def test_peft_multi_adapter_directory_loads(tmp_path):
             with torch.no_grad(): p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     theirs.eval().save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["code", "math"]
-    ours = load_adapter(tiny_llama(), tmp_path).eval()
+    assert adapter_names(load_adapter(tiny_llama(), tmp_path)) == ["default"]   # the directory itself, as PEFT's from_pretrained
+    ours = load_adapter(tiny_llama(), tmp_path, all_adapters=True).eval()
     assert adapter_names(ours) == ["default", "code", "math"]
     assert_close(ours(X, adapter_names=ROWS).logits, theirs(X, adapter_names=ROWS).logits)
 
@@ -199,6 +200,14 @@ def test_adapters_that_cannot_share_refuse_a_second(method, cfg, error):
     model = apply(tiny_llama(), method, **cfg)
     with pytest.raises(ValueError, match=error): apply(model, "lora", name="math", r=2, targets=["v_proj"])
     assert adapter_names(model) == ["default"]
+
+def test_checkpoint_folders_are_not_loaded_as_adapters(tmp_path):
+    "A trainer's output directory holds checkpoint-* adapters below the final one: loading it loads the final one only."
+    model = apply(tiny_llama(), "lora", **ADAPTERS["default"]); _randomise(model, 1)
+    save_adapter(model, tmp_path/"out"/"checkpoint-10")
+    with pytest.raises(FileNotFoundError, match=r"\['checkpoint-10'\] below .* pass all_adapters=True"): load_adapter(tiny_llama(), tmp_path/"out")
+    save_adapter(model, tmp_path/"out")
+    assert adapter_names(load_adapter(tiny_llama(), tmp_path/"out")) == ["default"]
 
 def test_unknown_names_and_bad_rows_are_errors():
     ours = _ours()

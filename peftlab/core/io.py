@@ -192,22 +192,30 @@ def _load_one(model:nn.Module, d:Path, name:str)->nn.Module:
     else: model.peftlab_extra[name] = (method.name, config)
     return model
 
-def load_adapter(base:nn.Module,           # the base model, changed in place
-                 directory:str|Path,       # saved by `save_adapter` or by PEFT
-                 name:str|None=None,       # load `directory` as this adapter; default: every adapter saved there
+def _saved_below(d:Path)->list[str]:
+    "Names of the sub-directories of `d` that hold a saved adapter (PEFT's layout for several adapters)."
+    return sorted(p.parent.name for p in d.glob(f"*/{CONFIG_NAME}")) if d.is_dir() else []
+
+def load_adapter(base:nn.Module,            # the base model, changed in place
+                 directory:str|Path,        # saved by `save_adapter` or by PEFT
+                 name:str|None=None,        # load it as this adapter (default "default"), beside any others
+                 all_adapters:bool=False,   # also each `directory/<name>` holding an adapter, as adapter `<name>`
                 )->nn.Module:
-    "Apply the adapter(s) saved in `directory` to `base` and return it."
-    d = Path(directory)
-    if name is not None: return _load_one(base, d, name)
-    subs = sorted(p.parent.name for p in d.glob(f"*/{CONFIG_NAME}")) if d.is_dir() else []
-    todo = ([(d, DEFAULT)] if (d/CONFIG_NAME).exists() or not subs else []) + [(d/s, s) for s in subs]
-    done = []
+    "Apply the adapter saved in `directory` to `base` and return it; with `all_adapters`, every adapter saved there."
+    d, below = Path(directory), _saved_below(Path(directory))
+    if not (d/CONFIG_NAME).exists() and below and not all_adapters:
+        raise FileNotFoundError(f"{d/CONFIG_NAME} is missing, but {below} below {d} hold adapters: pass all_adapters=True "
+                                "to load them all (PEFT's layout for several adapters), or the sub-directory itself")
+    if not all_adapters: return _load_one(base, d, name or DEFAULT)
+    if name is not None: raise ValueError("all_adapters loads each adapter under its own name: pass no name")
+    todo, done = ([(d, DEFAULT)] if (d/CONFIG_NAME).exists() or not below else []) + [(d/n, n) for n in below], []
     try:
         for path, n in todo: base = _load_one(base, path, n); done.append(n)
     except Exception:
         for n in reversed(done): delete_adapter(base, n)
         raise
     return base
+
 
 # %% ../../nbs/core/07_io.ipynb #7b1c0e02
 _SWAP_FREE = ("targets", "init", "init_data", "init_options")   # fields the saved tensors settle (or that only made them)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0002
 from __future__ import annotations
-import contextlib, types
+import contextlib
 import torch
 from torch import nn
 from .adapter import (DEFAULT, BASE, LayerAdapter, RowGroups, adapters, adapter_chain, adapter_records,
@@ -15,7 +15,8 @@ from .registry import Method, METHODS, discover
 # %% auto #0
 __all__ = ['PLAIN_INITS', 'adapter_names', 'check_names', 'switch_problem', 'stack_problem', 'method_problem', 'layerless',
            'sharing_problems', 'add_adapter', 'set_adapter', 'active_adapters', 'disabled_adapters', 'delete_adapter',
-           'mixed_batch', 'enable_adapter_names', 'adapter_parameters', 'adapter_param_groups']
+           'mixed_batch', 'GenerateWithAdapterNames', 'enable_adapter_names', 'adapter_parameters',
+           'adapter_param_groups']
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0006
 def adapter_names(model:nn.Module)->list[str]:
@@ -87,12 +88,14 @@ def _name_first(model:nn.Module, name:str)->nn.Module:
         for a in adapters(model).values(): a.adapter_name = name
     return model
 
-def add_adapter(model:nn.Module,   # changed in place
-                method:Method,     # a registered method
-                config,            # its config
-                name:str=DEFAULT,  # the new adapter's name
+def add_adapter(model:nn.Module,      # changed in place
+                method:Method,        # a registered method
+                config,               # its config
+                name:str|None=None,   # the new adapter's name; None: "default", or, if there is one, the method goes onto it as before
                )->nn.Module:
     "Apply `method` with `config` to `model` as adapter `name`, beside the adapters it has."
+    if name is None and adapter_names(model) == [DEFAULT]: return method.apply(model, config)   # unnamed, as before names: the method's own checks
+    name = DEFAULT if name is None else name
     if not isinstance(name, str) or not name or name == BASE: raise ValueError(f"{name!r} cannot name an adapter: use a non-empty string other than {BASE!r}")
     if name in adapter_names(model): raise ValueError(f"the model already has an adapter named {name!r}: choose another name, or delete_adapter(model, {name!r}) first")
     if not adapter_names(model): return _name_first(method.apply(model, config), name)
@@ -220,18 +223,23 @@ def _rows_post_hook(model:nn.Module, args:tuple, kwargs:dict, output):
     "Forward hook (always called): close what `_rows_pre_hook` opened."
     if (opened := model.__dict__.get("_peftlab_rows")) and (cm := opened.pop()) is not None: cm.__exit__(None, None, None)
 
-def _generate(self, *args, adapter_names:list[str]|None=None, **kwargs):
-    "transformers' `generate`, also taking `adapter_names`, one adapter name per row."
-    if adapter_names is None: return type(self).generate(self, *args, **kwargs)
-    _check_rows(adapter_names, args, kwargs)
-    with mixed_batch(self, adapter_names): return type(self).generate(self, *args, **kwargs)
+class GenerateWithAdapterNames:
+    "`model.generate`, also taking `adapter_names`, one adapter name per row (copies and pickles with the model)."
+    def __init__(self, model:nn.Module): self.model = model
+    def __reduce__(self): return (GenerateWithAdapterNames, (self.model,))
+
+    def __call__(self, *args, adapter_names:list[str]|None=None, **kwargs):
+        generate = type(self.model).generate
+        if adapter_names is None: return generate(self.model, *args, **kwargs)
+        _check_rows(adapter_names, args, kwargs)
+        with mixed_batch(self.model, adapter_names): return generate(self.model, *args, **kwargs)
 
 def enable_adapter_names(model:nn.Module)->nn.Module:
     "Let `model(...)` and `model.generate(...)` take `adapter_names` (once per model; `inject` calls it)."
     if model.__dict__.get("_peftlab_adapter_names"): return model
     model.register_forward_pre_hook(_rows_pre_hook, with_kwargs=True)
     model.register_forward_hook(_rows_post_hook, with_kwargs=True, always_call=True)
-    if callable(getattr(type(model), "generate", None)): model.generate = types.MethodType(_generate, model)
+    if callable(getattr(type(model), "generate", None)): model.generate = GenerateWithAdapterNames(model)
     model._peftlab_adapter_names = True
     return model
 

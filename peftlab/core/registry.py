@@ -83,7 +83,7 @@ def build_config(config_cls:type, **kwargs):
 
 def apply(model:nn.Module,        # a transformers model (changed in place)
           method:str,             # a registered method name, see `methods()`
-          name:str="default",     # the adapter's name, beside any adapters `model` already has (see `core.named`)
+          name:str|None=None,     # the adapter's name, beside any adapters `model` has (see `core.named`); None: "default"
           **config,               # the method's hyper-parameters
          )->nn.Module:
     "Apply registered `method` to `model` with `config` as adapter `name`, and return the model."
