@@ -19,8 +19,8 @@ from ..adapters.lora import LoraConfig, apply_lora, _to_peft as lora_to_peft
 
 # %% auto #0
 __all__ = ['BACKENDS', 'NF4MatMul', 'as_dtype', 'bnb_supports', 'triton_available', 'resolve_backend', 'NF4Linear',
-           'bnb_quant_state', 'quantized_layers', 'quantization_targets', 'quantize_model', 'dequantize_model',
-           'memory_report', 'QLoraConfig', 'apply_qlora']
+           'bnb_quant_state', 'FloatStoredNF4Linear', 'quantized_layers', 'quantization_targets', 'quantize_model',
+           'dequantize_model', 'memory_report', 'QLoraConfig', 'apply_qlora']
 
 # %% ../../nbs/quant/03_qlora.ipynb #6c95f4e9
 class NF4MatMul(torch.autograd.Function):
@@ -197,6 +197,29 @@ def _forward(self:NF4Linear, x:torch.Tensor)->torch.Tensor:
 
 NF4Linear.forward = _forward
 register_linear_type(NF4Linear)  # layer adapters (LoRA, DoRA, ...) wrap it like an nn.Linear
+
+# %% ../../nbs/quant/03_qlora.ipynb #fa1d0002
+from ..core.distributed import check_not_sharded
+
+class FloatStoredNF4Linear(NF4Linear):
+    "An `NF4Linear` whose packed codes are the bytes of a frozen float Parameter, `packed_storage`, so FSDP can shard them."
+    @property
+    def packed(self)->torch.Tensor:  # (ceil(n/2), 1) uint8: a view of the storage's bytes
+        check_not_sharded(self.packed_storage, "reading an NF4Linear's codes outside forward (dequantize, merge, export)")
+        return self.packed_storage.view(torch.uint8)[:self.packed_bytes].view(-1, 1)
+
+def _use_float_storage(self:NF4Linear, dtype:torch.dtype=torch.float32)->NF4Linear:
+    "Keep this layer's packed codes in a frozen Parameter of float `dtype` (bitsandbytes' `quant_storage`); the same bytes."
+    if isinstance(self, FloatStoredNF4Linear): return self
+    if not dtype.is_floating_point: raise ValueError(f"use_float_storage needs a float dtype (the model's, e.g. torch.bfloat16), got {dtype}")
+    codes, size = self.packed.flatten(), torch.empty((), dtype=dtype).element_size()
+    storage = torch.cat([codes, codes.new_zeros(-codes.numel() % size)]).view(dtype)  # padded to whole elements
+    del self._buffers["packed"]
+    self.__class__, self.packed_bytes = FloatStoredNF4Linear, codes.numel()
+    self.packed_storage = nn.Parameter(storage, requires_grad=False)
+    return self
+
+NF4Linear.use_float_storage = _use_float_storage
 
 # %% ../../nbs/quant/03_qlora.ipynb #69868eea
 def quantized_layers(model:nn.Module)->dict[str,NF4Linear]:
