@@ -57,7 +57,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run it, keep its status, time an
 }
 
 if [ $SMOKE = 1 ]; then
-  step kernel-tests 300 $PY -m pytest -q -x tests/test_kernels_nf4_lora.py
+  step kernel-tests 300 $PY -m pytest -q -x tests/test_kernels_nf4_lora.py -k "matmul_4bit or peft_lora"
   step notebook-cuda-cells 60 $PY -c "import torch; assert not torch.cuda.is_available(); print('no CUDA: the #| cuda cells run on a GPU only')"
   step kernel-bench 300 $PY kernels/bench.py --cpu-smoke --families rms_norm,swiglu --out "$OUT"
   step smollm2-bench 300 $PY -m peftlab.core.bench --model tiny-llama --batch 1 --seq 16 --steps 1 --device cpu --json "$OUT/qlora-step-cpu-smoke.json"
