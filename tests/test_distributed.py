@@ -76,6 +76,25 @@ def resume_job(directory, fsdp=False):
     return dict(losses=log.losses, state=full_state_dict(straight), resumed_losses=rlog.losses,
                 resumed_state=full_state_dict(resumed), checkpoints=names)
 
+def nf4_sharded():
+    "QLoRA's NF4 codes under FSDP2: each rank's share of every layer's float storage, and gathered -> dequantised == unsharded."
+    from peftlab.quant.qlora import NF4Linear, quantized_layers
+    from peftlab.quant.nf4 import dequantize_nf4
+    from peftlab.core.distributed import full_tensor
+    m = model("qlora")
+    ref = {n: l.dequantize() for n, l in quantized_layers(m).items()}
+    fit(m, batches(), steps=1, fsdp=True, progress=False)
+    out = {}
+    for n, l in quantized_layers(m).items():
+        storage = l.packed_storage                          # outside forward: this rank's shard (a DTensor)
+        whole = full_tensor(storage)
+        codes = whole.view(torch.uint8)[:l.packed_bytes].view(-1, 1)
+        w = dequantize_nf4(codes, l.absmax_float(), l.shape, l.blocksize, l.compute_dtype)
+        try: l.dequantize(); refused = ""
+        except RuntimeError as e: refused = str(e)
+        out[n] = dict(local=storage.to_local().numel(), whole=whole.numel(), dtype=whole.dtype, equal=torch.equal(w, ref[n]), refused=refused)
+    return out
+
 def worker(mode, out):
     "What each rank runs under torchrun; rank 0 saves the results to `out`."
     torch.set_num_threads(1)
@@ -92,6 +111,7 @@ def worker(mode, out):
         res["shard_rows"] = {n: p.to_local().shape[0] for n, p in trainable_parameters(m)}
         try: check_not_sharded(dict(trainable_parameters(m))["model.layers.0.self_attn.q_proj.lora_A.weight"], "merge of q_proj")
         except RuntimeError as e: res["refused"] = str(e)
+        res["nf4"] = nf4_sharded()
     if is_main_process(): torch.save(res, out)
 
 # ---------------------------------------------------------------- the tests (pytest, one process here)
@@ -141,6 +161,15 @@ def test_fsdp_shards_and_refuses(fsdp):
     assert fsdp["sharded"]
     assert fsdp["shard_rows"]["model.layers.0.self_attn.q_proj.lora_A.weight"] == 2   # r=4 rows over 2 ranks
     assert "FSDP2 DTensor shard" in fsdp["refused"] and "gather it first" in fsdp["refused"]
+
+def test_fsdp_shards_nf4_codes(fsdp):
+    "QLoRA's packed NF4 codes live in float32 storage that FSDP shards; gathered and dequantised, they are the unsharded weight."
+    nf4 = fsdp["nf4"]
+    assert len(nf4) == 6  # q, v, down projections of 2 layers
+    for n, r in nf4.items():
+        assert r["dtype"] == torch.float32 and r["equal"], n
+        assert r["local"] == -(-r["whole"] // 2), n              # half of it on this rank
+        assert "gather it first" in r["refused"], n              # reading the codes whole outside forward is refused
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_resume_is_bit_identical(request, mode):
