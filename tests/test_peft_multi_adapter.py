@@ -146,6 +146,20 @@ def test_two_adapters_train_at_once_in_their_own_groups():
     assert losses[-1] < losses[0]
     for n, ps in adapter_parameters(model).items(): assert all(not torch.equal(p, q) for p, q in zip(ps, start[n])), n
 
+def test_activation_checkpointing_needs_the_rows_held_open():
+    "Backward recomputes checkpointed layers after the call: a per-call adapter_names would be gone, a mixed_batch block is not."
+    from peftlab.core.named import mixed_batch
+    rows = ["default", "code", "__base__", "code"]
+    def grads(checkpointing):
+        model = apply(tiny_llama(), "lora", r=2, targets=["q_proj", "v_proj"]); apply(model, "lora", name="code", r=2, targets=["q_proj", "v_proj"])
+        _randomise(model, 3); model.train()
+        if checkpointing: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with mixed_batch(model, rows): model(X, labels=X).loss.backward()
+        if checkpointing:
+            with pytest.raises(ValueError, match="activation checkpointing"): model(X, labels=X, adapter_names=rows)
+        return [p.grad for ps in adapter_parameters(model).values() for p in ps]
+    for a, b in zip(grads(False), grads(True)): assert_close(a, b)
+
 def _perturb(model, name, seed):
     g = torch.Generator().manual_seed(seed)
     for p in adapter_parameters(model)[name]:

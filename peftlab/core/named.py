@@ -123,7 +123,7 @@ def _add_beside(model:nn.Module, method:Method, config, name:str)->nn.Module:
     versions = [(p, p._version) for p in model.parameters()]
     try:
         method.apply(model, config)
-        new, record = top_adapters(model), model.peftlab_method
+        new, record = top_adapters(model), getattr(model, "peftlab_method", (method.name, config))
         problems = [f"{n}: {p}" for n, a in new.items() if (p := stack_problem(a))][:1] or ([] if new else ["it adds no layer adapter"])
         if changed := [p for p, v in versions if p._version != v]: problems.append(f"it changed {len(changed)} base tensors in place")
         if problems: raise ValueError(f"cannot add {method.name} adapter {name!r} beside {list(adapter_records(model))}: " + "; ".join(problems))
@@ -216,6 +216,10 @@ def _rows_pre_hook(model:nn.Module, args:tuple, kwargs:dict):
     opened.append(None)   # first, so that the closing hook pops this call's entry even if the checks fail
     if (names := kwargs.pop("adapter_names", None)) is not None:
         _check_rows(names, args, kwargs)
+        if model.training and torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+            raise ValueError("adapter_names under activation checkpointing: backward recomputes the layers after this call has "
+                             "closed its rows; hold them open over forward and backward with `with mixed_batch(model, names):`, "
+                             "or turn checkpointing off")
         opened[-1] = mixed_batch(model, names); opened[-1].__enter__()
     return args, kwargs
 
