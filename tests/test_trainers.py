@@ -12,8 +12,9 @@ from peftlab.core.data import get_task, sft_loader
 from peftlab.core.io import load_adapter
 from peftlab.core.train import fit
 from peftlab.core.testing import assert_close
+from peftlab.core.data import encode_example
 from peftlab.core.trainers import (sft_dataset, sft_collator, prepare_for_trainer, checkpointing, has_input_grads,
-                                   AdapterCallback, training_state)
+                                   AdapterCallback, training_state, prompt_completion_dataset)
 
 # transformers 5.24 renamed gradient_checkpointing to activation_checkpointing (the old name still works, with a warning)
 GC = "activation_checkpointing" if "activation_checkpointing" in inspect.signature(TrainingArguments).parameters else "gradient_checkpointing"
@@ -31,13 +32,20 @@ def lora_model(seed=0, dropout=0.0):
     torch.manual_seed(seed)
     return apply(tiny_llama(), "lora", r=4, targets="all-linear", dropout=dropout)
 
-def args(output_dir, **kw):
-    return TrainingArguments(str(output_dir), **{**dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
-        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True), **kw})
+SMALL_RUN = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, save_strategy="no",
+                 report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
 
 def trainer(model, output_dir, callbacks=(), **kw):
-    t = Trainer(model=model, args=args(output_dir, **kw), train_dataset=dataset(), eval_dataset=dataset(),
-                data_collator=sft_collator(tok()), callbacks=list(callbacks))
+    t = Trainer(model=model, args=TrainingArguments(str(output_dir), **{**SMALL_RUN, **kw}), train_dataset=dataset(),
+                eval_dataset=dataset(), data_collator=sft_collator(tok()), callbacks=list(callbacks))
+    t.remove_callback(transformers.trainer_callback.PrinterCallback)
+    return t
+
+def sft_trainer(model, output_dir, data, callbacks=(), **kw):
+    "TRL's SFTTrainer with SFTConfig's own defaults (gradient checkpointing on) but float32."
+    from trl import SFTTrainer, SFTConfig
+    t = SFTTrainer(model=model, args=SFTConfig(str(output_dir), **{**SMALL_RUN, "bf16": False, **kw}), train_dataset=data,
+                   eval_dataset=data, processing_class=tok(), callbacks=list(callbacks))
     t.remove_callback(transformers.trainer_callback.PrinterCallback)
     return t
 
@@ -181,3 +189,52 @@ def test_trainer_and_fit_train_the_same_adapter(tmp_path):
     pb = trainable(b)
     gaps = {n: ((p - pb[n]).norm() / pb[n].norm()).item() for n, p in trainable(a).items()}
     assert max(gaps.values()) < 1e-4, max(gaps.items(), key=lambda kv: kv[1])  # Adam's 1/sqrt(v) amplifies last-bit differences
+
+# --- TRL's SFTTrainer ---
+
+def test_sft_trainer_tokenizes_like_peftlab(tmp_path):
+    "TRL's rows from prompt-completion data are encode_example's plus the newline the template writes after <|im_end|>."
+    t = sft_trainer(lora_model(), tmp_path, prompt_completion_dataset(examples()))
+    assert len(t.train_dataset) == len(examples())
+    for row, ex in zip(t.train_dataset, examples()):
+        mine = encode_example(ex, tok())
+        assert row["input_ids"][:-1] == mine["input_ids"] and row["labels"][:-1] == mine["labels"]
+        assert tok().decode(row["input_ids"][-1]) == "\n" and row["labels"][-1] == row["input_ids"][-1]
+    t = sft_trainer(lora_model(), tmp_path, dataset())           # tokenized rows are used as they are
+    assert t.train_dataset.column_names == ["input_ids", "labels"] and t.train_dataset[:] == dataset()[:]
+
+def test_sft_trainer_trains_only_the_adapter(tmp_path):
+    m = lora_model()
+    base, start = frozen(m), trainable(m)
+    t = sft_trainer(m, tmp_path, prompt_completion_dataset(examples()), [AdapterCallback()], max_steps=8, save_strategy="steps", save_steps=4)
+    before = t.evaluate()["eval_loss"]
+    t.train()
+    after = t.evaluate()["eval_loss"]
+    assert after < before - 0.1, (before, after)
+    assert t.args.gradient_checkpointing and checkpointing(m) and has_input_grads(m)   # SFTConfig's default
+    assert all(torch.equal(p, base[n]) for n, p in frozen(m).items())
+    assert all(not torch.equal(p, start[n]) for n, p in trainable(m).items())
+    x = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    m.eval()
+    for d in (tmp_path, tmp_path/"checkpoint-8"):
+        assert torch.equal(load_adapter(tiny_llama(), d).eval()(x).logits, m(x).logits)
+
+def test_sft_trainer_resume_is_bit_identical(tmp_path):
+    def run(out, resume=None, seed=0):
+        m = lora_model(seed, dropout=0.1)
+        t = sft_trainer(m, out, dataset(), [AdapterCallback(full_weights=False)], save_strategy="steps", save_steps=3)
+        t.train(resume_from_checkpoint=resume)
+        return trainable(m)
+    straight = run(tmp_path/"a")
+    resumed = run(tmp_path/"b", resume=tmp_path/"a"/"checkpoint-3", seed=1)
+    assert all(torch.equal(resumed[n], straight[n]) for n in straight)
+
+def test_sft_trainer_on_sft_dataset_trains_as_trainer(tmp_path):
+    "peftlab's tokenized rows in SFTTrainer and in Trainer: the same adapter to float32 rounding."
+    same = dict(max_steps=8, optim="adamw_torch", train_sampling_strategy="sequential")
+    a, b = lora_model(), lora_model()
+    trainer(a, tmp_path/"hf", **same).train()
+    sft_trainer(b, tmp_path/"trl", dataset(), gradient_checkpointing=False, **same).train()
+    pb = trainable(b)
+    gaps = {n: ((p - pb[n]).norm() / pb[n].norm()).item() for n, p in trainable(a).items()}
+    assert max(gaps.values()) < 1e-4, max(gaps.items(), key=lambda kv: kv[1])
