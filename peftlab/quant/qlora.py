@@ -167,8 +167,7 @@ NF4Linear.absmax_float, NF4Linear.dequantize = _absmax_float, _dequantize
 # %% ../../nbs/quant/03_qlora.ipynb #d9971844
 def _bias(layer, dtype): return None if layer.bias is None else layer.bias.to(dtype)
 
-def bnb_quant_state(layer:NF4Linear):
-    "bitsandbytes' `QuantState` for `layer`'s buffers (nested when double-quantised)."
+def _new_quant_state(layer:NF4Linear):
     from bitsandbytes.functional import QuantState
     from peftlab.quant.blockwise8 import dynamic_map
     dev = layer.packed.device
@@ -176,6 +175,14 @@ def bnb_quant_state(layer:NF4Linear):
                         dtype=torch.float32) if layer.double_quant else None
     return QuantState(absmax=layer.absmax, shape=torch.Size(layer.shape), code=NF4_CODE.to(dev), blocksize=layer.blocksize,
                       quant_type="nf4", dtype=layer.compute_dtype, offset=getattr(layer, "absmax_offset", None), state2=state2)
+
+def bnb_quant_state(layer:NF4Linear):
+    "bitsandbytes' `QuantState` for `layer`'s buffers (nested when double-quantised), built once per set of buffers."
+    # it holds the buffers themselves, so in-place updates show through; new buffers (`.to()`, `_apply`) rebuild it
+    buffers = tuple(b for b in (layer.packed, layer.absmax, getattr(layer, "absmax_scale", None)) if b is not None)
+    key = tuple(id(b) for b in buffers) + (layer.compute_dtype,)
+    if getattr(layer, "_bnb_state", (None,))[0] != key: layer._bnb_state = (key, _new_quant_state(layer))
+    return layer._bnb_state[1]
 
 def _forward_torch(layer, x): return NF4MatMul.apply(x, layer, _bias(layer, x.dtype))
 
