@@ -80,6 +80,17 @@ def test_ours_saved_all_loads_in_peft(tmp_path):
     for name in ["math", "code"]: theirs.load_adapter(tmp_path/name, adapter_name=name)
     assert_close(ours(X, adapter_names=ROWS).logits, theirs.eval()(X, adapter_names=ROWS).logits)
 
+def test_regex_targets_saved_beside_other_adapters(tmp_path):
+    "LoRA writes regex targets as the list of its modules: that list names only its own, whatever else the model holds."
+    ours = apply(tiny_llama(), "lora", r=4, targets=[r".*layers\.1\..*q_proj", "v_proj"]); _randomise(ours, 1)
+    apply(ours, "lora", name="math", **ADAPTERS["math"]); _randomise(ours, 2, "math")
+    save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path/"adapter_config.json").read_text())["target_modules"] == [
+        "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    theirs.load_adapter(tmp_path/"math", adapter_name="math")
+    assert_close(theirs(X, adapter_names=ROWS[:3] + ["math"]).logits, ours.eval()(X, adapter_names=ROWS[:3] + ["math"]).logits)
+
 def test_default_keys_unchanged_by_stacking():
     single = apply(tiny_llama(), "lora", **ADAPTERS["default"])
     ours = _ours()

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file, load_file
 from .registry import METHODS, get_method, discover, build_config
 from .adapter import DEFAULT, LayerAdapter, applied_method, adapter_records, unload
-from .named import add_adapter, adapter_names, check_names, delete_adapter
+from .named import add_adapter, adapter_names, check_names, delete_adapter, only_adapter
 
 # %% auto #0
 __all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'adapter_tensors', 'adapter_state', 'config_to_dict', 'config_json',
@@ -84,7 +84,8 @@ def saved_state(model:nn.Module, name:str|None=None)->dict[str,torch.Tensor]:
 
 def _save_one(model:nn.Module, d:Path, name:str|None=None)->Path:
     d.mkdir(parents=True, exist_ok=True)
-    cfg, state = config_json(model, name), saved_state(model, name)
+    with only_adapter(model, name or adapter_names(model)[0]):   # the method's own code sees its adapter alone
+        cfg, state = config_json(model, name), saved_state(model, name)
     tensors = {k: v.contiguous().cpu() for k, v in state.items()}
     atomic_write(d/WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(d/CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))

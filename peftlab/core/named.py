@@ -15,7 +15,7 @@ from .registry import Method, METHODS, discover
 # %% auto #0
 __all__ = ['PLAIN_INITS', 'adapter_names', 'check_names', 'switch_problem', 'stack_problem', 'method_problem', 'layerless',
            'sharing_problems', 'add_adapter', 'set_adapter', 'active_adapters', 'disabled_adapters', 'delete_adapter',
-           'mixed_batch', 'GenerateWithAdapterNames', 'enable_adapter_names', 'adapter_parameters',
+           'only_adapter', 'mixed_batch', 'GenerateWithAdapterNames', 'enable_adapter_names', 'adapter_parameters',
            'adapter_param_groups']
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0006
@@ -183,6 +183,17 @@ def delete_adapter(model:nn.Module, name:str)->nn.Module:
         if first != DEFAULT: model.peftlab_name = first
         if rest: model.peftlab_extra = dict(rest)
     return model
+
+# %% ../../nbs/core/12_named_adapters.ipynb #9c4e0102
+@contextlib.contextmanager
+def only_adapter(model:nn.Module, name:str):
+    "Within the block `model` holds adapter `name` alone; the others are back after it."
+    check_names(model, name)
+    chains = {pos: (adapter_chain(top), bare_layer(top)) for pos, top in top_adapters(model).items()}
+    for pos, (chain, bare) in chains.items(): relink(model, pos, [a for a in chain if a.adapter_name == name], bare)
+    try: yield model
+    finally:
+        for pos, (chain, bare) in chains.items(): relink(model, pos, chain, bare)
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0032
 @contextlib.contextmanager
