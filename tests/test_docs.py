@@ -14,8 +14,9 @@ NOTEBOOKS = ['nbs/index.ipynb', 'nbs/core/03_registry.ipynb', 'nbs/adapters/11_l
 PLOT = re.compile(r'\.plot\(|plt\.|imshow\(|\.hist\(')
 
 @pytest.fixture(scope='module')
-def site(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp('site')
+def site():
+    tmp = ROOT/'_proc'/'docs_test'        # kept after the run: the site and the screenshots, to look at
+    shutil.rmtree(tmp, ignore_errors=True)
     t = time.time()
     s = docs.build(tmp/'_docs', [ROOT/p for p in NOTEBOOKS], jobs=2, cache=ROOT/'_proc'/'docs_cache', log=lambda *a: None)
     s.seconds = time.time() - t
@@ -136,6 +137,7 @@ def test_notebook_page_renders(rendered):
     assert re.search(r'<img src="loldu_files/figure-\d+\.png"', dom)
     typeset = re.findall(r'class="MathJax(?:_Display)?"', dom)                  # MathJax ran and typeset the math
     assert len(typeset) >= 5, 'math was not typeset'
-    assert 'merror' not in dom and 'MathJax_Error' not in dom
+    err = re.search(r'class="[^"]*(?:merror|MathJax_Error)[^"]*"', dom)
+    assert not err, f'MathJax could not typeset some TeX: ...{dom[max(0, err.start() - 300):err.end() + 300]}...'
     assert not re.search(r'<p>[^<]*\$[A-Za-z\\][^$<]*\$', dom)                 # no raw $...$ left in prose
     assert _not_blank(png)

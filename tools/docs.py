@@ -107,7 +107,8 @@ def execute_one(src:Path, dest:Path, workdir:Path):
     for c in out['cells']:
         for k in [k for k in c if k.endswith('_') or k in ('has_sd', 'idx_')]: c.pop(k)
     out['metadata']['docs'] = dict(stored=stored, errors=errors)
-    dest.write_text(json.dumps(out))
+    tmp = dest.with_name(f'{dest.name}.{os.getpid()}.tmp')    # whole or not at all: builds may share the cache
+    tmp.write_text(json.dumps(out)); tmp.replace(dest)
 
 def _fingerprint(nb:Path)->str:
     "What an executed notebook depends on: itself, the package's source, the files beside it."
