@@ -485,11 +485,13 @@ def activation_checkpointing(model:nn.Module, on:bool=True):
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"{type(model).__name__} does not support gradient checkpointing (transformers' "
                          "`supports_gradient_checkpointing` is False): train with gradient_checkpointing=False")
-    was = model.is_gradient_checkpointing
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    new = hasattr(model, "activation_checkpointing_enable")  # newer transformers' name (the old one warns)
+    was = model.is_activation_checkpointing if new else model.is_gradient_checkpointing
+    if new: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try: yield model
     finally:
-        if not was: model.gradient_checkpointing_disable()
+        if not was: model.activation_checkpointing_disable() if new else model.gradient_checkpointing_disable()
 
 # %% ../../nbs/core/06_train.ipynb #5353f72d
 def _setup_engine(model:nn.Module, fsdp:bool)->nn.Module:
