@@ -1,5 +1,5 @@
 "HF `Trainer` (and TRL's `SFTTrainer`) train a peftlab model unchanged: only the adapter moves, checkpoints load with `load_adapter`, resuming is exact, gradient checkpointing gives the same gradients."
-import functools, inspect, warnings
+import functools, inspect, os, sys, warnings
 from pathlib import Path
 import pytest, torch
 from torch import nn
@@ -12,6 +12,7 @@ from peftlab.core.data import get_task, sft_loader
 from peftlab.core.io import load_adapter
 from peftlab.core.train import fit
 from peftlab.core.testing import assert_close
+from peftlab.core.distributed import torchrun
 from peftlab.core.data import encode_example
 from peftlab.core.trainers import (sft_dataset, sft_collator, prepare_for_trainer, checkpointing, has_input_grads,
                                    AdapterCallback, training_state, prompt_completion_dataset)
@@ -238,3 +239,31 @@ def test_sft_trainer_on_sft_dataset_trains_as_trainer(tmp_path):
     pb = trainable(b)
     gaps = {n: ((p - pb[n]).norm() / pb[n].norm()).item() for n, p in trainable(a).items()}
     assert max(gaps.values()) < 1e-4, max(gaps.items(), key=lambda kv: kv[1])
+
+# --- two processes (CPU, gloo) ---
+
+DDP = dict(max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch", train_sampling_strategy="sequential")
+
+def ddp_worker(out):
+    "One rank of `test_adapter_callback_under_ddp`: 2 rows per rank, 4 per step in all."
+    m = lora_model()
+    t = trainer(m, out, [AdapterCallback()], per_device_train_batch_size=2, **DDP)
+    t.train()
+    torch.save(trainable(m), Path(out)/f"rank{t.args.process_index}.pt")
+
+def test_adapter_callback_under_ddp(tmp_path):
+    "Under torchrun the ranks agree, the adapter is written into every checkpoint, and it is the one-process run's at the same global batch."
+    r = torchrun(__file__, nproc=2, args=[tmp_path], timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [torch.load(tmp_path/f"rank{i}.pt") for i in (0, 1)]
+    assert all(torch.equal(ranks[0][n], ranks[1][n]) for n in ranks[0])
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (tmp_path/"checkpoint-2").iterdir()}
+    one = lora_model()
+    trainer(one, tmp_path/"one", per_device_train_batch_size=4, **DDP).train()
+    x = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    loaded = load_adapter(tiny_llama(), tmp_path).eval()
+    for n, p in trainable(loaded).items(): assert torch.equal(p, ranks[0][n])
+    gaps = {n: ((p - ranks[0][n]).norm() / p.norm()).item() for n, p in trainable(one).items()}
+    assert max(gaps.values()) < 1e-4, max(gaps.items(), key=lambda kv: kv[1])
+
+if __name__ == "__main__": ddp_worker(sys.argv[1])
