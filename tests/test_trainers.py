@@ -116,6 +116,27 @@ def test_resume_is_bit_identical(tmp_path, full_weights, grad_accum):
     saved = load_file(tmp_path/"b"/"adapter_model.safetensors")
     assert all(torch.equal(saved["base_model.model." + n], straight[n]) for n in straight)
 
+OTHER_METHODS = [  # method, options: a base that the init rewrote (saved with the adapter), a method that is not LoRA
+    ("lora", dict(r=4, init="pissa")),
+    ("ia3", dict()),
+]
+
+@pytest.mark.parametrize("method,options", OTHER_METHODS)
+def test_other_methods_resume_from_adapter_only_checkpoints(tmp_path, method, options):
+    def run(out, resume=None, seed=0):
+        torch.manual_seed(seed)
+        m = apply(tiny_llama(), method, targets="all-linear", **options)
+        trainer(m, out, [AdapterCallback(full_weights=False)], max_steps=4, save_strategy="steps", save_steps=2).train(resume_from_checkpoint=resume)
+        return m
+    straight = run(tmp_path/"a")
+    state = training_state(straight)
+    assert set(load_file(tmp_path/"a"/"checkpoint-2"/"model.safetensors")) == set(state)
+    if options.get("init") == "pissa": assert any(".base_layer." in k for k in state)  # the residual base travels too
+    resumed = run(tmp_path/"b", resume=tmp_path/"a"/"checkpoint-2", seed=1)
+    assert all(torch.equal(p, state[n]) for n, p in training_state(resumed).items())
+    x = torch.randint(0, 49152, (2, 10), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(load_adapter(tiny_llama(), tmp_path/"a").eval()(x).logits, straight.eval()(x).logits)
+
 class FirstGrads(TrainerCallback):
     "The adapter's gradients of the first optimiser step."
     grads = None
