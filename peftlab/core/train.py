@@ -17,12 +17,13 @@ from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .data import encode_example, prompt_ids
 from .registry import method_callbacks
+from .named import adapter_names, adapter_parameters
 from .distributed import (world_size, rank, is_main_process, init_distributed, init_single_process_group,
     barrier, all_reduce_sum, broadcast_object, gather_objects, batch_rows, shard_batch, full_tensor, wrap_ddp, shard_model, is_fsdp)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_PREFIX', 'PARAMS_FILE', 'TRAINER_FILE', 'warmup_steps', 'lr_lambda', 'TrainLog', 'TrainState',
-           'Callback', 'trainable_parameters', 'make_optimizer', 'Batches', 'compute_loss', 'to_device',
+           'Callback', 'trainable_parameters', 'make_optimizer', 'param_groups', 'Batches', 'compute_loss', 'to_device',
            'supervised_count', 'loss_sum', 'seed_everything', 'rng_state', 'set_rng_state', 'rng_preserved',
            'training_mode', 'atomic_dir', 'checkpoints', 'save_checkpoint', 'read_checkpoint',
            'check_checkpoint_params', 'load_checkpoint', 'train_step', 'eval_loss', 'with_method_callbacks',
@@ -140,9 +141,17 @@ def make_optimizer(model:nn.Module,
     params = [p for _, p in trainable_parameters(model)]
     if isinstance(optimizer, type): return optimizer(params, lr=lr, weight_decay=weight_decay)
     if optimizer is not None: return optimizer(params)
-    groups = [dict(params=[p for p in params if p.ndim >= 2], weight_decay=weight_decay),
-              dict(params=[p for p in params if p.ndim < 2], weight_decay=0.0)]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    return torch.optim.AdamW(param_groups(model, params, weight_decay), lr=lr)
+
+def param_groups(model:nn.Module, params:list[nn.Parameter], weight_decay:float=0.0)->list[dict]:
+    "AdamW's groups: matrices decay, vectors do not; a pair per named adapter when `model` has several (each its own `name`)."
+    split = adapter_parameters(model) if len(adapter_names(model)) > 1 else {None: params}
+    groups = []
+    for name, ps in split.items():
+        for decay, matrices in ((weight_decay, True), (0.0, False)):
+            g = [p for p in ps if (p.ndim >= 2) == matrices]
+            if g: groups.append(dict(params=g, weight_decay=decay, **({"name": name} if name else {})))
+    return groups
 
 # %% ../../nbs/core/06_train.ipynb #ab79f29d
 class Batches:
