@@ -1,4 +1,4 @@
-"Write README.md from nbs/index.ipynb (markdown cells, visible code cells and what they print or show).\n\n`--execute` runs the notebook first (in a scratch folder: the tour writes `out/`); `--check` fails if README.md is stale."
+"Write README.md from nbs/index.ipynb (markdown cells, visible code cells and what they print or show).\n\n`--execute` runs the notebook's quick cells first (the tour's `eval: false` cells keep their outputs); `--execute-all` runs the tour too (minutes; in a scratch folder, as it writes `out/`); `--check` fails if README.md is stale."
 import sys, tempfile, nbformat
 from pathlib import Path
 
@@ -28,20 +28,22 @@ def render(nb):
                 parts.append(t[1] if isinstance(t, tuple) else f'```\n{t.rstrip()}\n```')
     return '\n\n'.join(parts).rstrip() + '\n'
 
-def execute(path):
-    "Run the notebook at `path` and store its outputs, so the README shows them."
+def _eval_false(cell): return cell.cell_type == 'code' and any(l.replace(' ', '') == '#|eval:false' for l in cell.source.splitlines())
+
+def execute(path, everything=False):
+    "Run the notebook at `path` (all of it, or all but its `eval: false` cells) and store its outputs, so the README shows them."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
     from fastcore.xtras import working_directory
     from nbdev.clean import nbdev_clean
     nb = read_nb(path)
     with tempfile.TemporaryDirectory() as scratch, working_directory(scratch):
-        CaptureShell().run_all(nb, exc_stop=True)
+        CaptureShell().run_all(nb, exc_stop=True, preproc=(lambda c: False) if everything else _eval_false)
     write_nb(nb, path)
     nbdev_clean(fname=str(path))
 
 def main():
-    if '--execute' in sys.argv: execute(ROOT/'nbs'/'index.ipynb')
+    if '--execute' in sys.argv or '--execute-all' in sys.argv: execute(ROOT/'nbs'/'index.ipynb', '--execute-all' in sys.argv)
     text = render(nbformat.read(ROOT/'nbs'/'index.ipynb', as_version=4))
     readme = ROOT/'README.md'
     if '--check' in sys.argv:
