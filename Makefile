@@ -52,7 +52,7 @@ gpu-check: $(STAMP)
 
 # JupyterLab on nbs/, with the notebooks' kernel: this .venv's Python, registered as `peftlab`
 lab: lab-kernel
-	$(BIN)/jupyter lab nbs/
+	$(BIN)/jupyter lab nbs/ $$( [ "$$(id -u)" = 0 ] && echo --allow-root )
 
 lab-kernel: $(STAMP)
 	$(PY) -m ipykernel install --sys-prefix --name peftlab --display-name "peftlab (.venv)"
