@@ -90,3 +90,8 @@ def test_only_rank_0_prints_evaluates_and_saves(tmp_path, capsys, monkeypatch):
     res = main(["finetune", *TINY, "--set", "r=2", "--out", str(tmp_path/"out")])
     assert res["after"] is not None and (tmp_path/"out"/RUN_CONFIG).exists()
     assert "before:" in capsys.readouterr().out
+
+def test_gradient_checkpointing_run(tmp_path, capsys):
+    out = tmp_path/"out"
+    res = main(["finetune", *TINY, "--set", "r=2", "--gradient-checkpointing", "--out", str(out)])
+    assert res["after"] is not None and yaml.safe_load((out/RUN_CONFIG).read_text())["gradient_checkpointing"] is True
