@@ -45,7 +45,7 @@ class MemoryEstimate:
 
     def __repr__(self): return "\n".join(f"{k:<12}{human_bytes(v):>11}" for k, v in self.as_dict().items())
 
-# %% ../../nbs/core/15_estimate.ipynb #bc36772f
+# %% ../../nbs/core/15_estimate.ipynb #c69a60c3
 def model_config(model)->"transformers.PretrainedConfig":
     "The transformers config of a model, a config, or a name or path `load_model` takes."
     from transformers import AutoConfig, LlamaConfig, PretrainedConfig
@@ -61,7 +61,12 @@ def model_config(model)->"transformers.PretrainedConfig":
 
 def model_dtype(model, dtype:torch.dtype|str|None=None)->torch.dtype:
     "`dtype` if given, else the dtype of `model`'s first floating parameter, else float32 (`load_model`'s default)."
-    if dtype is not None: return getattr(torch, str(dtype).replace("torch.", "")) if not isinstance(dtype, torch.dtype) else dtype
+    if isinstance(dtype, torch.dtype): return dtype
+    if dtype is not None:
+        d = getattr(torch, str(dtype).replace("torch.", ""), None)
+        if not isinstance(d, torch.dtype) or not d.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype such as 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+        return d
     if isinstance(model, nn.Module):
         return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     return torch.float32
