@@ -9,6 +9,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from .surgery import find_targets, check_types, replace_module, freeze, LINEAR_TYPES, register_linear_type
+from .distributed import check_not_sharded
 
 # %% auto #0
 __all__ = ['DEFAULT', 'BASE', 'dense_weight', 'LayerAdapter', 'bare_layer', 'WeightMapAdapter', 'RowGroups', 'adapter_chain',
@@ -18,7 +19,9 @@ __all__ = ['DEFAULT', 'BASE', 'dense_weight', 'LayerAdapter', 'bare_layer', 'Wei
 # %% ../../nbs/core/04_adapter.ipynb #e368939a
 def dense_weight(layer:nn.Module)->torch.Tensor:
     "The weight of `layer` as a dense `(out, in)` tensor, dequantised if the layer is quantised."
-    return layer.dequantize() if hasattr(layer, "dequantize") else layer.weight
+    if hasattr(layer, "dequantize"): return layer.dequantize()
+    check_not_sharded(layer.weight, f"reading the whole weight of a {type(layer).__name__}")
+    return layer.weight
 
 # %% ../../nbs/core/04_adapter.ipynb #58d387be
 DEFAULT, BASE = "default", "__base__"   # the name an adapter gets when none is given; the base model's name in a mixed batch
@@ -66,6 +69,7 @@ def _merge(self:LayerAdapter):
     if self.merged: return
     _check_mergeable(self)
     w = bare_layer(self).weight
+    check_not_sharded(w, "merging an adapter into its base weight")
     with torch.no_grad(): w += self.delta_weight().to(w.dtype)
     self.merged = True
 
@@ -165,6 +169,7 @@ def inject(model:nn.Module,                           # changed in place
     freeze(model)
     new = {name: make(name, module) for name, module in found.items()}
     for name, module in new.items():
+        module.train(found[name].training)  # an adapter put into an eval-mode model is in eval mode (no dropout)
         replace_module(model, name, module)
         module.base_layer.requires_grad_(False)
     from peftlab.core.named import enable_adapter_names   # `model(..., adapter_names=[...])` from now on

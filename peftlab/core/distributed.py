@@ -13,8 +13,8 @@ from torch import nn
 # %% auto #0
 __all__ = ['world_size', 'rank', 'local_rank', 'is_main_process', 'init_distributed', 'init_single_process_group', 'barrier',
            'all_reduce_sum', 'broadcast_object', 'gather_objects', 'batch_rows', 'shard_batch', 'is_sharded',
-           'check_not_sharded', 'full_tensor', 'unwrap', 'wrap_ddp', 'decoder_layers', 'float_storage', 'shard_model',
-           'is_fsdp', 'full_state_dict', 'free_port', 'torchrun']
+           'check_not_sharded', 'full_tensor', 'check_model_not_sharded', 'unwrap', 'wrap_ddp', 'decoder_layers',
+           'float_storage', 'shard_model', 'is_fsdp', 'full_state_dict', 'free_port', 'torchrun']
 
 # %% ../../nbs/core/13_distributed.ipynb #32154186
 def world_size()->int:
@@ -117,6 +117,10 @@ def full_tensor(t:torch.Tensor)->torch.Tensor:
     "The whole tensor: gathered from the ranks if `t` is a DTensor (a collective: every rank calls it), else `t`."
     from torch.distributed.tensor import DTensor
     return t.full_tensor() if isinstance(t, DTensor) else t
+
+def check_model_not_sharded(model:nn.Module, what:str):
+    "Raise if any parameter of `model` is sharded: `what` (applying a method, merging, patching kernels) reads whole weights."
+    for n, p in model.named_parameters(): check_not_sharded(p, f"{what} ({n})")
 
 # %% ../../nbs/core/13_distributed.ipynb #626d7c1a
 def unwrap(model:nn.Module)->nn.Module:

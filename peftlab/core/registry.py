@@ -88,6 +88,8 @@ def apply(model:nn.Module,        # a transformers model (changed in place)
          )->nn.Module:
     "Apply registered `method` to `model` with `config` as adapter `name`, and return the model."
     from peftlab.core.named import add_adapter   # core.named builds on this module
+    from peftlab.core.distributed import check_model_not_sharded
+    check_model_not_sharded(model, f"applying {method!r} (its init may read whole weights): apply methods before sharding")
     m = get_method(method)
     return add_adapter(model, m, build_config(m.config, **config), name)
 

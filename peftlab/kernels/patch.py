@@ -18,6 +18,7 @@ from .fused_linear_cross_entropy import fused_linear_cross_entropy
 from ..core.testing import assert_close
 from ..core.models import tiny_llama
 from ..core.registry import apply
+from ..core.distributed import check_model_not_sharded
 
 # %% auto #0
 __all__ = ['KINDS', 'apply_rotary_pos_emb', 'patch', 'unpatch', 'patched', 'same_as_unpatched', 'lora_tiny_llama']
@@ -150,6 +151,7 @@ def patch(model:nn.Module,            # a transformers Llama (`LlamaForCausalLM`
     "Route `model`'s norms, RoPE, MLP activation, loss and LoRA/NF4 layers through peftlab's kernels; returns `model`."
     unknown = set(kinds) - set(KINDS)
     if unknown: raise ValueError(f"unknown kinds {sorted(unknown)}; choose from {KINDS}")
+    check_model_not_sharded(model, "peftlab.kernels.patch (its kernels read whole weights)")
     if getattr(model, "_peftlab_kernels", None) is not None: unpatch(model)      # patching twice re-patches
     found = _targets(model, kinds)
     for name, (kind, fwd) in found.items(): _set_forward(model.get_submodule(name), fwd)
