@@ -110,11 +110,18 @@ def _status_kb(field:str)->int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
+def _fixed_mmap_threshold():
+    "Make glibc hand every large block back to the kernel on free, so each run's growth is its own, whoever ran before."
+    import ctypes, ctypes.util
+    try: ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, no longer adaptive
+    except (OSError, AttributeError): pass
+
 @contextmanager
 def peak_rss_growth():
     "Measure how far the process's resident size rises above its start inside the body (Linux); `.bytes`, or None."
     class Peak: bytes = None
     peak = Peak()
+    _fixed_mmap_threshold()
     try:
         with open("/proc/self/clear_refs", "w") as f: f.write("5")  # reset the high-water mark to the current size
         start = _status_kb("VmRSS")

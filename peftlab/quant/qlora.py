@@ -55,8 +55,8 @@ def bnb_supports(device:torch.device|str)->bool:
     "Whether bitsandbytes is installed and registers a 4-bit kernel for `device`'s type."
     try: import bitsandbytes  # noqa: F401 -- importing it registers its kernels
     except ImportError: return False
-    key = torch.device(device).type.upper()
-    return torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", key)
+    key = dict(cpu="CPU", cuda="CUDA", xpu="XPU", mps="MPS", hpu="HPU").get(torch.device(device).type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("bitsandbytes::dequantize_4bit", key)
 
 def triton_available()->bool:
     "Whether Triton and peftlab's NF4 kernel import."
