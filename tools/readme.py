@@ -39,6 +39,8 @@ def execute(path, everything=False):
     nb = read_nb(path)
     with tempfile.TemporaryDirectory() as scratch, working_directory(scratch):
         CaptureShell().run_all(nb, exc_stop=True, preproc=(lambda c: False) if everything else _eval_false)
+    for c in nb.cells:   # progress bars and warnings: not worth keeping in the notebook
+        if c.cell_type == 'code': c.outputs = [o for o in c.outputs if not (o.output_type == 'stream' and o.name == 'stderr')]
     write_nb(nb, path)
     nbdev_clean(fname=str(path))
 
