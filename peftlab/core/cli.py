@@ -71,9 +71,11 @@ def finetune(args)->dict:
     fit(model, batches, steps=args.steps, lr=args.lr, seed=args.seed, **flags)
     # a sharded (FSDP) model's forward gathers its shards, so every rank takes part in evaluating it
     after = evaluate(model, test, tok, max_new_tokens=args.max_new_tokens) if main or flags.get("fsdp") else None
+    # a sharded model's adapter is gathered from every rank; rank 0 alone writes it
+    out = save_adapter(model, args.out) if main or flags.get("fsdp") else None
     if main:
         print(f"held-out after: {after}")
-        out = save_adapter(model, args.out); write_run_config(args, out)
+        write_run_config(args, out)
         print(f"adapter saved to {out} (with its settings in {RUN_CONFIG})")
         print(f"before: {before['accuracy']:.2f}  after: {after['accuracy']:.2f}")
     return dict(before=before, after=after)

@@ -13,6 +13,7 @@ from safetensors.torch import save_file, load_file
 from .registry import METHODS, get_method, discover, build_config
 from .adapter import DEFAULT, LayerAdapter, applied_method, adapter_records, unload
 from .named import add_adapter, adapter_names, check_names, delete_adapter, only_adapter
+from .distributed import full_tensor, is_main_process
 
 # %% auto #0
 __all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'adapter_tensors', 'adapter_state', 'config_to_dict', 'config_json',
@@ -83,10 +84,11 @@ def saved_state(model:nn.Module, name:str|None=None)->dict[str,torch.Tensor]:
     return method.save_state(model) if method.save_state else adapter_state(model, name)
 
 def _save_one(model:nn.Module, d:Path, name:str|None=None)->Path:
-    d.mkdir(parents=True, exist_ok=True)
+    if is_main_process(): d.mkdir(parents=True, exist_ok=True)
     with only_adapter(model, name or adapter_names(model)[0]):   # the method's own code sees its adapter alone
         cfg, state = config_json(model, name), saved_state(model, name)
-    tensors = {k: v.contiguous().cpu() for k, v in state.items()}
+    tensors = {k: full_tensor(v).contiguous().cpu() for k, v in state.items()}  # FSDP2 shards gathered: every rank calls
+    if not is_main_process(): return d                                               # and rank 0 alone writes
     atomic_write(d/WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     atomic_write(d/CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(cfg, indent=2, default=str)))
     return d
