@@ -141,3 +141,12 @@ def test_notebook_page_renders(rendered):
     assert not err, f'MathJax could not typeset some TeX: ...{dom[max(0, err.start() - 300):err.end() + 300]}...'
     assert not re.search(r'<p>[^<]*\$[A-Za-z\\][^$<]*\$', dom)                 # no raw $...$ left in prose
     assert _not_blank(png)
+
+def test_links_to_notebooks_point_at_their_pages():
+    p = docs.Page(docs.ROOT/'nbs'/'core'/'06_train.ipynb', 'core/train.html', 'Training')
+    p.body = ('<a href="13_distributed.ipynb">a</a> <a href="../adapters/00_lora.ipynb#merging">b</a> '
+              '<a href="nbs/init/00_pissa.ipynb">c</a> <a href="https://x.org/y.ipynb">d</a> <a href="nope.ipynb">e</a>')
+    docs.notebook_links(p)
+    assert '<a href="../core/distributed.html">a</a>' in p.body and '<a href="../adapters/lora.html#merging">b</a>' in p.body
+    assert '<a href="../init/pissa.html">c</a>' in p.body and 'href="https://x.org/y.ipynb"' in p.body
+    assert 'href="nope.ipynb"' in p.body      # no such notebook: left for the link check to report
