@@ -101,7 +101,8 @@ def shard_batch(batch:dict,  # one global batch
 def is_sharded(tensor:torch.Tensor)->bool:
     "Whether `tensor` holds only part of a weight: an FSDP2 `DTensor` shard or a DeepSpeed ZeRO-3 placeholder."
     from torch.distributed.tensor import DTensor
-    return isinstance(tensor, DTensor) or hasattr(tensor, "ds_shape")
+    gathered = getattr(getattr(tensor, "ds_status", None), "name", None) == "AVAILABLE"  # inside GatheredParameters
+    return isinstance(tensor, DTensor) or (hasattr(tensor, "ds_shape") and not gathered)
 
 def check_not_sharded(tensor:torch.Tensor,  # a weight about to be read whole
                       what:str,             # what reads it, for the message: "merge of model.layers.0.q_proj"
