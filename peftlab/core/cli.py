@@ -294,3 +294,7 @@ def write_run_config(args:argparse.Namespace, directory:str|Path)->Path:
     path.write_text(yaml_text(run_config(args)))
     return path
 
+
+# %% ../../nbs/core/08_cli.ipynb #9a5e4ad6
+#| eval: false
+if __name__ == "__main__": main()  # `python -m peftlab.core.cli ...`, e.g. under torchrun -m
