@@ -482,7 +482,7 @@ def build(out:Path, paths=None, jobs:int=2, cache:Path|None=None, log=print)->Si
     executed = execute_all(nbs, cache or ROOT/'_proc'/'docs_cache', jobs, log)
     pages = [render_notebook(p, nb) for p, nb in executed.items()]
     pages.sort(key=lambda p: (p.url != 'index.html', [k for k, _ in PARTS].index(p.url.split('/')[0])
-                              if p.url.split('/')[0] in dict(PARTS) else -1, p.url))
+                              if p.url.split('/')[0] in dict(PARTS) else -1, p.nb_path.as_posix()))   # notebook order
     mpage, mpages = methods_page(notebooks())
     built = {p.url for p in pages}
     mpages = {k: v for k, v in mpages.items() if v in built}
