@@ -150,3 +150,9 @@ def test_links_to_notebooks_point_at_their_pages():
     assert '<a href="../core/distributed.html">a</a>' in p.body and '<a href="../adapters/lora.html#merging">b</a>' in p.body
     assert '<a href="../init/pissa.html">c</a>' in p.body and 'href="https://x.org/y.ipynb"' in p.body
     assert 'href="nope.ipynb"' in p.body      # no such notebook: left for the link check to report
+
+def test_links_to_notebooks_not_built_become_text():
+    p = docs.Page(docs.ROOT/'nbs'/'index.ipynb', 'index.html', 'peftlab')
+    p.body = '<a href="adapters/00_lora.ipynb">LoRA</a>, <a href="core/03_registry.ipynb">the registry</a>'
+    docs.notebook_links(p, built={'index.html', 'core/registry.html'})
+    assert p.body == 'LoRA, <a href="core/registry.html">the registry</a>'

@@ -372,16 +372,18 @@ def linkify(page:Page, symbols:dict, methods:dict):
         return re.sub(r'(?<!<a href=")<code>([A-Za-z_][\w.\-]*(?:\(\))?)</code>(?!</a>)', sub, block.group(0))
     page.body = re.sub(r'<div class="(?:cell markdown|output markdown)[^"]*">.*?</div>', in_prose, page.body, flags=re.S)
 
-def notebook_links(page:Page):
-    "Links to notebooks (`../adapters/00_lora.ipynb`, `nbs/core/06_train.ipynb#x`) point at their pages."
+def notebook_links(page:Page, built:set|None=None):
+    "Links to notebooks (`../adapters/00_lora.ipynb`, `nbs/core/06_train.ipynb#x`) point at their pages (unbuilt: text)."
     here = page.nb_path.parent if page.nb_path else NBS
     def sub(m):
-        path, frag = m.group(2), m.group(3) or ''
+        path, frag = m.group(3), m.group(4) or ''
         for base in (here, ROOT, NBS):
             nb = (base/path).resolve()
-            if nb.is_file() and nb.is_relative_to(NBS): return f'{m.group(1)}"{page.root}{page_of(nb)}{frag}"'
+            if nb.is_file() and nb.is_relative_to(NBS):
+                if built is not None and page_of(nb) not in built: return m.group(6)
+                return f'{m.group(1)}"{page.root}{page_of(nb)}{frag}"{m.group(5)}{m.group(6)}</a>'
         return m.group(0)
-    page.body = re.sub(r'(<a\s[^>]*?href=)"(?![a-z][a-z0-9+.-]*:)([^"#]+\.ipynb)(#[^"]*)?"', sub, page.body)
+    page.body = re.sub(r'(<a\s[^>]*?href=)"((?![a-z][a-z0-9+.-]*:)([^"#]+\.ipynb)(#[^"]*)?)"([^>]*>)(.*?)</a>', sub, page.body, flags=re.S)
 
 def _sidebar(pages:list, current:Page, methods_url='methods.html')->str:
     r = current.root
@@ -492,7 +494,7 @@ def build(out:Path, paths=None, jobs:int=2, cache:Path|None=None, log=print)->Si
     for p in pages:
         for name, anchor in p.symbols.items():
             symbols.setdefault(name.lower(), f'{p.url}#{anchor}')
-    for p in pages: notebook_links(p); linkify(p, symbols, mpages)
+    for p in pages: notebook_links(p, built); linkify(p, symbols, mpages)
     if out.exists():
         for old in out.rglob('*.html'): old.unlink()
     copy_assets(out)
