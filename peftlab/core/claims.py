@@ -32,8 +32,9 @@ class Claim:
 
 # %% ../../nbs/core/17_claims.ipynb #5edc4257
 def _round(v:float|int)->float|int:
-    "`v` to four significant digits (integers stay integers)."
-    return v if isinstance(v, int) else float(f"{v:.4g}")
+    "`v` to four significant digits; whole numbers as integers (a count is 9 whether pandas held it as int or float)."
+    r = v if isinstance(v, int) else float(f"{v:.4g}")
+    return int(r) if float(r).is_integer() and abs(r) < 2**53 else r
 
 def _fmt_numbers(numbers:dict)->str:
     return "; ".join(f"{k} = {v:,}" if isinstance(v, int) else f"{k} = {v:g}" for k, v in numbers.items())
