@@ -92,6 +92,9 @@ def execute_one(src:Path, dest:Path, workdir:Path):
     os.chdir(workdir)
     shell = CaptureShell(path=workdir, timeout=CELL_TIMEOUT)
     shell.run_cell('from nbdev.showdoc import show_doc')
+    # a config dataclass defined in a notebook inherits fields annotated in its module (`init_data: Any` under
+    # `from __future__ import annotations`); show_doc resolves those names in the notebook's namespace
+    shell.run_cell('from typing import Any, Callable')
     errors = []
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != 'code': continue
@@ -112,7 +115,7 @@ def execute_one(src:Path, dest:Path, workdir:Path):
 
 def _fingerprint(nb:Path)->str:
     "What an executed notebook depends on: itself, the package's source, the files beside it."
-    h = hashlib.sha256(nb.read_bytes())
+    h = hashlib.sha256(nb.read_bytes() + Path(__file__).read_bytes())   # and how this builder executes it
     for p in sorted((ROOT/'peftlab').rglob('*.py')): h.update(p.read_bytes())
     for p in sorted(nb.parent.rglob('*')):
         if p.is_file() and p.suffix != '.ipynb' and '.ipynb_checkpoints' not in p.parts: h.update(p.read_bytes())
