@@ -75,7 +75,10 @@ def test_sigkill_one_process(tmp_path):
     assert [p.name for p in checkpoints(d)] == ["step-00000002"]               # the half-written step 4 is not a checkpoint
     partial = list(d.glob(".step-00000004.*.tmp"))
     assert len(partial) == 1 and (partial[0] / PARAMS_FILE).exists()          # ... though half of it is on disk
-    same(run(d, resume=True), run(tmp_path / "straight"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the killed child ran: bit-identity needs the same reduction order (pytest may hold 2 threads)
+    try: same(run(d, resume=True), run(tmp_path / "straight"))
+    finally: torch.set_num_threads(threads)
     assert sorted(p.name for p in d.iterdir()) == ["step-00000006"]            # the leftover is cleaned up
 
 @pytest.mark.parametrize("kill_rank", [0, 1])
