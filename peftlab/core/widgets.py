@@ -9,6 +9,7 @@ from dataclasses import MISSING
 from functools import lru_cache
 import torch
 import ipywidgets as widgets
+import sys
 from fastcore.docments import docments
 from fastcore.basics import patch
 from matplotlib.figure import Figure
@@ -107,13 +108,20 @@ class MethodExplorer(widgets.VBox):
         self.refresh()
 
 # %% ../../nbs/core/18_widgets.ipynb #ae196057
+def _with_source(cls:type)->type:
+    "`cls`, or peftlab's class of that name when `cls` was defined in a notebook's namespace (no source for its comments)."
+    if cls.__module__ != "__main__": return cls
+    found = [getattr(m, cls.__name__) for n, m in list(sys.modules.items())
+             if n.startswith("peftlab.") and isinstance(getattr(m, cls.__name__, None), type)]
+    return found[0] if found else cls
+
 @patch
 def _build_knobs(self:MethodExplorer, options:dict, choices:dict):
     "A knob per field a widget can hold; the others held at their value."
     cls = self.method.config
     unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
     if unknown: raise TypeError(f"unknown option(s) {sorted(unknown)} for {cls.__name__}; valid: {[f.name for f in dataclasses.fields(cls)]}")
-    self.docs, hints = docments(cls), typing.get_type_hints(cls)
+    self.docs, hints = docments(_with_source(cls)), typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         value = options.get(f.name, _field_value(f))
         knob = None if value is MISSING else field_knob(f.name, hints.get(f.name), value, self.docs.get(f.name), choices.get(f.name))
