@@ -178,11 +178,6 @@ def _device_name(dev:torch.device)->str:
     return torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 # %% ../../nbs/core/09_bench.ipynb #3017ee8e
-def _vocab_size(model:str)->int:
-    from transformers import AutoConfig
-    from .models import model_dir
-    return AutoConfig.from_pretrained(model_dir(model)).vocab_size
-
 PAIRS = dict(lora=(lora_pair, "peft"), qlora=(qlora_pair, "peft+bnb"))
 
 def _bench_pair(method:str, model:str, dt, r, alpha, inputs, steps, dev, seed)->dict:
@@ -217,7 +212,8 @@ def bench(model:str="smollm2-135m",  # a name or path for `load_model`
     "Step time and peak memory of LoRA and QLoRA training steps, peftlab vs PEFT (+ bitsandbytes), same model, batch, dtype."
     if unknown := [m for m in methods if m not in PAIRS]: raise ValueError(f"unknown methods {unknown}: choose from {list(PAIRS)}")
     dev, dt = _resolve(device, dtype)
-    vocab = 49152 if model == "tiny-llama" else _vocab_size(model)
+    from peftlab.core.estimate import model_config
+    vocab = model_config(model).vocab_size
     ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(dev)  # (B, T)
     rows = {}
     for method in methods: rows.update(_bench_pair(method, model, dt, r, alpha, dict(input_ids=ids, labels=ids), steps, dev, seed))
