@@ -15,7 +15,8 @@ from .core.io import save_adapter, load_adapter, hotswap_adapter
 from .core.named import (adapter_names, active_adapters, set_adapter, disabled_adapters, delete_adapter,
                                 mixed_batch, adapter_parameters, adapter_param_groups)
 from .core.data import get_task, sft_loader, load_examples
-from .core.train import fit, evaluate, make_optimizer
+from .core.train import fit, evaluate, make_optimizer, make_scheme
+from .optim.core import memory_ledger, MemoryLedger
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready
 from .core.claims import ledger, ledger_markdown

@@ -148,7 +148,7 @@ def _timed(fn, device:torch.device)->tuple[float,float]:
 # %% ../../nbs/core/09_bench.ipynb #34b1fe84
 def bench_steps(model:nn.Module, batch:dict, steps:int=3, lr:float=1e-4)->dict:
     "Train `model` for 1 + `steps` steps on `batch`; the losses, the median step time and the peak memory."
-    device, opt = next(model.parameters()).device, make_optimizer(model, lr)
+    device, opt = next(model.parameters()).device, make_optimizer(model, lr=lr)
     model.train()
     if device.type == "cuda": torch.cuda.synchronize(device); torch.cuda.reset_peak_memory_stats(device)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -16,18 +16,19 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .data import encode_example, prompt_ids
-from .registry import method_callbacks
+from .registry import METHODS, build_config, discover, get_method, method_callbacks
 from .named import adapter_names, adapter_parameters
 from .distributed import (world_size, rank, is_main_process, init_distributed, init_single_process_group,
     barrier, all_reduce_sum, broadcast_object, gather_objects, batch_rows, shard_batch, full_tensor, wrap_ddp, shard_model, is_fsdp)
 
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_PREFIX', 'PARAMS_FILE', 'TRAINER_FILE', 'warmup_steps', 'lr_lambda', 'TrainLog', 'TrainState',
-           'Callback', 'trainable_parameters', 'make_optimizer', 'param_groups', 'Batches', 'compute_loss', 'to_device',
-           'supervised_count', 'loss_sum', 'seed_everything', 'rng_state', 'set_rng_state', 'rng_preserved',
-           'training_mode', 'atomic_dir', 'checkpoints', 'save_checkpoint', 'read_checkpoint',
-           'check_checkpoint_params', 'load_checkpoint', 'train_step', 'eval_loss', 'with_method_callbacks',
-           'activation_checkpointing', 'fit', 'answer_nll', 'greedy_answers', 'evaluate']
+           'Callback', 'trainable_parameters', 'registered', 'registered_names', 'make_optimizer', 'make_scheme',
+           'param_groups', 'Batches', 'compute_loss', 'to_device', 'supervised_count', 'loss_sum', 'seed_everything',
+           'rng_state', 'set_rng_state', 'rng_preserved', 'training_mode', 'atomic_dir', 'checkpoints',
+           'save_checkpoint', 'read_checkpoint', 'check_checkpoint_params', 'load_checkpoint', 'needs_backward',
+           'steps_in_backward', 'train_step', 'eval_loss', 'with_method_callbacks', 'active_dropout',
+           'check_optimizer_mode', 'activation_checkpointing', 'fit', 'answer_nll', 'greedy_answers', 'evaluate']
 
 # %% ../../nbs/core/06_train.ipynb #58a008e4
 SCHEDULES = ("cosine", "linear", "constant")
@@ -131,17 +132,43 @@ def trainable_parameters(model:nn.Module)->list[tuple[str,nn.Parameter]]:
                                    "e.g. peftlab.apply(model, 'lora'), or unfreeze some parameters")
     return named
 
+def registered(name:str, category:str, what:str):
+    "The registered method `name`, which must be of `category` (`what` names the category in errors)."
+    m = get_method(name)
+    if m.category != category:
+        raise ValueError(f"{name!r} is a method of category {m.category!r}, not {what}; {what}s: {registered_names(category)}")
+    return m
+
+def registered_names(category:str)->list[str]:
+    "The names registered under `category`."
+    discover()
+    return sorted(n for n, m in METHODS.items() if m.category == category)
+
 def make_optimizer(model:nn.Module,
+                   optimizer:torch.optim.Optimizer|Callable|str|None=None,  # an optimiser, its class, a factory `params -> optimizer`, or a registered name (`methods("optim")`)
                    lr:float=2e-4,
                    weight_decay:float=0.0,
-                   optimizer:torch.optim.Optimizer|Callable|None=None,  # an optimiser, an optimiser class or a factory `params -> optimizer`
+                   **options,                # a registered optimiser's options (GaLore's rank, ...)
                   )->torch.optim.Optimizer:
-    "The optimiser `fit` steps: `optimizer` as given or built, else AdamW over the trainable parameters."
+    "The optimiser `fit` steps: `optimizer` as given or built, a registered one by name, else AdamW over the trainable parameters."
+    if isinstance(optimizer, str):
+        m = registered(optimizer, "optim", "an optimiser")
+        return m.apply(model, build_config(m.config, **options), lr, weight_decay)
+    if options: raise TypeError(f"options {sorted(options)} belong to a registered optimiser named by a string "
+                                "(e.g. optimizer='galore'); this optimizer takes none")
     if isinstance(optimizer, torch.optim.Optimizer): return optimizer
     params = [p for _, p in trainable_parameters(model)]
     if isinstance(optimizer, type): return optimizer(params, lr=lr, weight_decay=weight_decay)
     if optimizer is not None: return optimizer(params)
     return torch.optim.AdamW(param_groups(model, params, weight_decay), lr=lr)
+
+def make_scheme(model:nn.Module,
+                name:str,     # a registered training scheme (`methods("scheme")`): LISA, LP-FT, ...
+                **options,    # its options
+               )->Callback:
+    "The `fit` callback of training scheme `name` for `model`."
+    m = registered(name, "scheme", "a training scheme")
+    return m.apply(model, build_config(m.config, **options))
 
 def param_groups(model:nn.Module, params:list[nn.Parameter], weight_decay:float=0.0)->list[dict]:
     "AdamW's groups: matrices decay, vectors do not; a pair per named adapter when `model` has several (each its own `name`)."
@@ -380,9 +407,14 @@ def _scale_grads(optimizer:torch.optim.Optimizer, factor:float):
         for p in g["params"]:
             if p.grad is not None: p.grad.mul_(factor)
 
+def _no_tokens(state:TrainState, grad_accum:int):
+    return ValueError(f"step {state.step + 1} has no supervised tokens (every label is -100 in its "
+                      f"{grad_accum} batch(es)): check the data's labels, or raise grad_accum")
+
 def _backward(state:TrainState, batches:Batches, grad_accum:int, bf16:bool, objective:Callable|None)->float:
     "Accumulate the gradients of this step's `grad_accum` batches (this rank's rows), normalised by the step's count on all ranks; return the per-token mean loss."
     dev, world, forward = _device(state.model), world_size(), state.forward or state.model
+    in_backward = steps_in_backward(state.optimizer)  # it updates as gradients arrive: they must be final then
     total, count = torch.zeros((), dtype=torch.float64), 0
     for i in range(grad_accum):
         batch = next(batches)
@@ -390,13 +422,13 @@ def _backward(state:TrainState, batches:Batches, grad_accum:int, bf16:bool, obje
         with _no_sync(forward, i == grad_accum - 1):
             with torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext():
                 s, n = loss_sum(state.model, state.batch, objective, forward)
-            s.backward()
+            if in_backward and n == 0: raise _no_tokens(state, grad_accum)
+            (s / n if in_backward else s).backward()
         total, count = total + s.detach().double().cpu(), count + n
     state.position = batches.position
     total, count = all_reduce_sum(torch.stack([total, torch.tensor(float(count), dtype=torch.float64)])).tolist()
-    if count == 0: raise ValueError(f"step {state.step + 1} has no supervised tokens (every label is -100 in its "
-                                    f"{grad_accum} batch(es)): check the data's labels, or raise grad_accum")
-    _scale_grads(state.optimizer, world / count)  # DDP and FSDP averaged over the ranks; the step wants a sum / count
+    if count == 0: raise _no_tokens(state, grad_accum)
+    if not in_backward: _scale_grads(state.optimizer, world / count)  # DDP and FSDP averaged over the ranks; the step wants a sum / count
     state.tokens = int(count)
     return total / count
 
@@ -406,18 +438,41 @@ def _clip(optimizer:torch.optim.Optimizer, max_grad_norm:float|None)->float|None
     params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
     return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_grad_norm)).item() if params else 0.0
 
+def needs_backward(optimizer:torch.optim.Optimizer)->bool:
+    "False for zeroth-order optimisers (MeZO, ...), whose `step(closure)` only evaluates losses."
+    return getattr(optimizer, "needs_backward", True)
+
+def steps_in_backward(optimizer:torch.optim.Optimizer)->bool:
+    "True for optimisers that update each parameter inside backward (GaLore per layer, LOMO)."
+    return getattr(optimizer, "steps_in_backward", False)
+
+def _forward_only(state:TrainState, batches:Batches, bf16:bool, objective:Callable|None)->float:
+    "A zeroth-order step: the optimiser evaluates the step's batch (`closure`) as often as it needs and updates the parameters itself."
+    dev, forward = _device(state.model), state.forward or state.model
+    state.batch, state.position = to_device(next(batches), dev), batches.position
+    def closure()->torch.Tensor:
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+            s, n = loss_sum(state.model, state.batch, objective, forward)
+        if n == 0: raise _no_tokens(state, 1)
+        state.tokens = int(n)
+        return s / n
+    return float(state.optimizer.step(closure))
+
 def train_step(state:TrainState, batches:Batches, grad_accum:int=1, max_grad_norm:float|None=1.0,
                bf16:bool=False, objective:Callable|None=None, callbacks:Iterable[Callback]=()):
     "One optimiser step on `grad_accum` batches, with the callbacks' hooks."
     _call(callbacks, "on_step_begin", state)
-    state.loss = _backward(state, batches, grad_accum, bf16, objective)
+    state.lr = state.optimizer.param_groups[0]["lr"]
+    backward = needs_backward(state.optimizer)
+    state.loss = _backward(state, batches, grad_accum, bf16, objective) if backward else _forward_only(state, batches, bf16, objective)
     if not math.isfinite(state.loss):
         raise FloatingPointError(f"the loss is {state.loss} at step {state.step + 1}: lower lr, keep max_grad_norm "
                                  "set, or train in float32")
-    _call(callbacks, "after_backward", state)
-    state.grad_norm = _clip(state.optimizer, max_grad_norm)
-    state.lr = state.optimizer.param_groups[0]["lr"]
-    state.optimizer.step(); state.scheduler.step()
+    if backward:
+        _call(callbacks, "after_backward", state)
+        state.grad_norm = _clip(state.optimizer, max_grad_norm)
+        state.optimizer.step()
+    state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     _call(callbacks, "on_step_end", state)
@@ -460,6 +515,30 @@ def _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_eve
     if fsdp and isinstance(optimizer, torch.optim.Optimizer):
         raise ValueError("fsdp=True shards the parameters, so an optimiser built before cannot step them: pass the "
                          "optimiser's class or a factory `params -> optimizer` instead of an instance")
+    if fsdp and isinstance(optimizer, str):
+        raise ValueError(f"optimizer={optimizer!r} is not checked on FSDP's sharded parameters yet (projections and "
+                         "per-layer updates see one shard): train it without fsdp")
+
+def active_dropout(model:nn.Module)->list[str]:
+    "The dropout modules (p > 0) and config dropouts that act in training mode."
+    mods = [n for n, m in model.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+    cfg = getattr(model, "config", None)
+    return mods + [f"config.{k}" for k, v in (vars(cfg) if cfg is not None else {}).items()
+                   if k.endswith("dropout") and isinstance(v, (int, float)) and v > 0]
+
+def check_optimizer_mode(model:nn.Module, optimizer:torch.optim.Optimizer, grad_accum:int, max_grad_norm:float|None, fsdp:bool):
+    "Refuse what a zeroth-order or in-backward optimiser cannot do, naming the option to change."
+    name, many = type(optimizer).__name__, fsdp or world_size() > 1
+    if not needs_backward(optimizer):
+        if grad_accum > 1: raise ValueError(f"{name} is zeroth-order: each step evaluates one batch; use grad_accum=1 (a larger batch instead)")
+        if many: raise ValueError(f"{name} is zeroth-order and its random directions are not shared across processes yet: train in one process without fsdp")
+        if found := active_dropout(model):
+            raise ValueError(f"{name} compares two forward passes, and dropout would draw different masks in each ({', '.join(found[:4])}"
+                             f"{', ...' if len(found) > 4 else ''}): set those dropouts to 0 (e.g. apply(model, 'lora', dropout=0.0))")
+    if steps_in_backward(optimizer):
+        if grad_accum > 1: raise ValueError(f"{name} updates each weight inside backward, so gradients cannot accumulate: use grad_accum=1")
+        if max_grad_norm is not None: raise ValueError(f"{name} updates each weight inside backward, before the joint gradient norm exists: pass max_grad_norm=None")
+        if many: raise ValueError(f"{name} updates inside backward, before gradients are averaged across processes: train in one process without fsdp")
 
 def _resume(state:TrainState, checkpoint_dir, callbacks)->tuple[int,dict|None]:
     "Load the newest checkpoint of `checkpoint_dir` into `state`; return the position and the trainer state."
@@ -525,7 +604,8 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
         data:Iterable[dict]|Callable,    # batches (cycled), or a callable `index -> batch`; global batches when distributed
         steps:int,                       # optimiser steps
         lr:float=2e-4,                   # peak learning rate
-        optimizer:torch.optim.Optimizer|Callable|None=None,  # see `make_optimizer`; default AdamW
+        optimizer:torch.optim.Optimizer|Callable|str|None=None,  # see `make_optimizer`: an optimiser, its class, a factory, or a registered name; default AdamW
+        optimizer_options:dict|None=None,  # a registered optimiser's options, e.g. dict(rank=8) for "galore"
         weight_decay:float=0.0,          # AdamW's weight decay, on matrices only
         warmup:float|int=0.1,            # warm-up: a fraction of `steps` (float) or a number of steps (int)
         schedule:str="cosine",           # after the warm-up: "cosine", "linear" or "constant"
@@ -540,7 +620,7 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
         checkpoint_every:int|None=None,  # save every this many steps (and after the last); None: after the last
         resume:bool=False,               # continue from the newest checkpoint in `checkpoint_dir`
         seed:int=0,                      # seeds torch, random and numpy
-        callbacks:Iterable[Callback]=(), # see `Callback`
+        callbacks:Iterable[Callback|str]=(), # see `Callback`; a string names a registered training scheme (`methods("scheme")`) with its defaults
         progress:bool=True,              # show a tqdm bar with loss and lr (rank 0 only)
         log_every:int=1,                 # a log row (mean loss since the last row) every this many steps
         gradient_checkpointing:bool=False,  # recompute activations in backward (non-reentrant), trading time for memory
@@ -549,10 +629,11 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
     "Train `model`'s trainable parameters for `steps` optimiser steps on `data`; return the log. Under `torchrun` it trains data-parallel."
     _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, resume, fsdp, optimizer)
     seed_everything(seed)
-    callbacks = with_method_callbacks(model, callbacks)
+    callbacks = with_method_callbacks(model, [make_scheme(model, c) if isinstance(c, str) else c for c in callbacks])
     with activation_checkpointing(model, gradient_checkpointing):
         forward = _setup_engine(model, fsdp)
-        opt = make_optimizer(model, lr, weight_decay, optimizer)
+        opt = make_optimizer(model, optimizer, lr, weight_decay, **(optimizer_options or {}))
+        check_optimizer_mode(model, opt, grad_accum, max_grad_norm, fsdp)
         state = TrainState(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(schedule, steps, warmup)), steps, forward=forward)
         position, trainer = _resume(state, checkpoint_dir, callbacks) if resume else (0, None)
         batches = Batches(data, start=position)
