@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from ..core.registry import register
 from ..core.surgery import find_targets
-from ..core.train import Callback, compute_loss, needs_backward, steps_in_backward
+from ..core.train import Callback, TrainState, _call, compute_loss, needs_backward, steps_in_backward
 from ..core.bench import SavedTensorBytes, peak_rss_growth
 from ..core.estimate import profile_peak, human_bytes
 
@@ -112,18 +112,29 @@ def _step(model:nn.Module, optimizer:torch.optim.Optimizer, batch:dict)->float:
     loss.backward(); optimizer.step(); optimizer.zero_grad(set_to_none=True)
     return loss.item()
 
+def _with_callbacks(state:TrainState, callbacks:list, step:Callable)->float:
+    "Run `step()` between the callbacks' step hooks, as `fit` does."
+    _call(callbacks, "on_step_begin", state)
+    loss = step()
+    state.step += 1
+    _call(callbacks, "on_step_end", state)
+    return loss
+
 def memory_ledger(model:nn.Module,                  # the model, with its trainable parameters set (changed: two steps are taken)
                   optimizer:torch.optim.Optimizer,  # over the model's trainable parameters
                   batch:dict,                       # one batch with `input_ids` and `labels`, on the model's device
+                  callbacks:list[Callback]=(),      # training schemes (LISA, ...), whose step hooks run as in `fit`
                  )->MemoryLedger:
     "Measure the weights, gradients, optimiser state, saved activations and peak memory of one training step."
     model.train()
-    _step(model, optimizer, batch)  # the optimiser's state now exists, as in every later step
+    state = TrainState(model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), steps=2)
+    _call(callbacks, "on_train_begin", state)
+    _with_callbacks(state, callbacks, lambda: _step(model, optimizer, batch))  # the optimiser's state now exists, as in every later step
     params = [p for p in model.parameters() if p.requires_grad]
     weights = _tensors(list(model.parameters()) + list(model.buffers()), set())
     held = weights + optimizer_state_bytes(optimizer)
     saved = SavedTensorBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
     out = {}
     with GradientPeak(params) as grads, saved.counting(), peak_rss_growth() as rss:
-        peak, _ = profile_peak(lambda: out.setdefault("loss", _step(model, optimizer, batch)))
+        peak, _ = profile_peak(lambda: out.setdefault("loss", _with_callbacks(state, callbacks, lambda: _step(model, optimizer, batch))))
     return MemoryLedger(weights, grads.bytes, optimizer_state_bytes(optimizer), saved.bytes, held + peak, rss.bytes, out["loss"])
