@@ -38,6 +38,8 @@ KNOBS = [  # hint, default, doc, widget type, (text or value the user sets, what
     (float, -1.0, "shift", "FloatText", (-2.0, -2.0)),
     (bool, False, "rslora", "Checkbox", (True, True)),
     (str, "bat", '"bat": affine; "block": shared', "Dropdown", ("block", "block")),
+    (typing.Literal["std", "left", "right"], "std", "projection side", "Dropdown", ("left", "left")),
+    (typing.Literal[1, 2, 4], 2, "bits", "Dropdown", (4, 4)),
     (str, "x", "free text", "Text", ("y", "y")),
     (str | list, "all-linear", "targets", "Text", ("q_proj, v_proj", ["q_proj", "v_proj"])),
     (str | list, ["k_proj"], "targets", "Text", ("o_proj", "o_proj")),

@@ -60,6 +60,8 @@ def field_knob(name:str,                   # the field's name, the widget's labe
     kw = dict(description=name, tooltip=doc or name, style=dict(description_width="initial"))
     args = set(typing.get_args(hint))
     if hint is bool: return widgets.Checkbox(value=value, indent=False, **kw), bool
+    if typing.get_origin(hint) is typing.Literal:  # the choices are the type's own
+        return widgets.Dropdown(options=list(typing.get_args(hint)), value=value, **{k: v for k, v in kw.items() if k != "continuous_update"}), lambda v: v
     kw["continuous_update"] = False  # sliders and text boxes report on release and on enter, not on every step
     if hint in (int, float) and isinstance(value, (int, float)): return _number_widget(hint, value, **kw), hint
     if hint is str:
@@ -150,12 +152,27 @@ def options(self:MethodExplorer)->dict:
 def _with_data(self:MethodExplorer, opts:dict)->dict:
     return {**opts, "init_data": list(_calibration(self.n_train, self.batch_size))} if opts.get("init_data") == "calibration" else opts
 
+def _prepared(method, options:dict):
+    "A fresh tiny-llama with `method` applied; optimisers and training schemes get every weight trainable and are built once, to check their options."
+    if method.category not in ("optim", "scheme"): return apply(tiny_llama(), method.name, **options)
+    from .train import make_optimizer, make_scheme
+    model = tiny_llama().requires_grad_(True)
+    if method.category == "optim": make_optimizer(model, method.name, **options)
+    else: make_scheme(model, method.name, **options)
+    return model
+
+def _run_spec(method, options:dict)->dict:
+    "How `compare_memory` trains `method` with `options`: an adapter applied, or every weight trained by an optimiser or under a scheme."
+    if method.category == "optim": return dict(optimizer=method.name, optimizer_options=options)
+    if method.category == "scheme": return dict(schemes=[(method.name, options)])
+    return dict(method=method.name, options=options)
+
 @patch
 def refresh(self:MethodExplorer):
     "Apply the method with the current options to a fresh tiny-llama; show its trainable report, or the error."
     try:
         torch.manual_seed(0)
-        self.report, self.error = trainable_report(apply(tiny_llama(), self.method.name, **self._with_data(self.options()))), None
+        self.report, self.error = trainable_report(_prepared(self.method, self._with_data(self.options()))), None
     except Exception as e: self.report, self.error = None, f"{type(e).__name__}: {e}"
     self.run_button.disabled = self.error is not None
     self.report_html.value = self._report_html()
@@ -179,8 +196,11 @@ def run(self:MethodExplorer)->object:
     if self.error: return None
     opts = self.options()
     label = self._label(opts)
-    try: res = compare({label: dict(method=self.method.name, options=opts)}, steps=self.steps, n_train=self.n_train,
-                       n_test=4, batch_size=self.batch_size, lr=self.lr, progress=False)
+    adapter = self.method.category not in ("optim", "scheme")
+    from peftlab.optim.family import compare_memory  # here, not at the top: the optimisers' package builds on core
+    run = compare if adapter else compare_memory
+    try: res = run({label: _run_spec(self.method, opts)}, steps=self.steps, n_train=self.n_train,
+                   n_test=4, batch_size=self.batch_size, lr=self.lr, progress=False)
     except Exception as e:
         self.report_html.value = self._report_html() + f'<p style="color:#b00020"><b>run failed:</b> {html.escape(f"{type(e).__name__}: {e}")}</p>'
         return None
