@@ -71,13 +71,15 @@ def optimizer_state_bytes(optimizer:torch.optim.Optimizer)->int:
 
 # %% ../../nbs/optim/00_core.ipynb #e3b907c1
 class GradientPeak:
-    "The most gradient bytes alive at once during backward, read after each weight's gradient is accumulated."
+    "The most gradient bytes alive at once during backward: the gradients held, and the one arriving, as each arrives."
     def __init__(self, params:list[nn.Parameter]):
         self.params, self.bytes, self.handles = params, 0, []
-    def _seen(self, _):
-        self.bytes = max(self.bytes, sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None))
+    def _arriving(self, grad:torch.Tensor):
+        # a tensor hook runs before the gradient is accumulated, so before any optimiser hook can use and free it
+        held = sum(p.grad.numel() * p.grad.element_size() for p in self.params if p.grad is not None)
+        self.bytes = max(self.bytes, held + grad.numel() * grad.element_size())
     def __enter__(self):
-        self.handles = [p.register_post_accumulate_grad_hook(self._seen) for p in self.params]
+        self.handles = [p.register_hook(self._arriving) for p in self.params]
         return self
     def __exit__(self, *exc):
         for h in self.handles: h.remove()

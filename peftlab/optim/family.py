@@ -16,7 +16,7 @@ from ..core.compare import Comparison
 from .core import memory_ledger
 
 # %% auto #0
-__all__ = ['prepare', 'optimizer_and_schemes', 'measure_run', 'compare_memory']
+__all__ = ['prepare', 'optimizer_and_schemes', 'measure_run', 'compare_memory', 'optim_family']
 
 # %% ../../nbs/optim/99_family.ipynb #e826411c
 def prepare(spec:dict, model:nn.Module)->nn.Module:
@@ -68,3 +68,30 @@ def compare_memory(runs:dict,                   # label -> run spec (see above)
     for label, spec in tqdm(runs.items(), disable=not progress, desc="compare_memory"):
         rows[label], logs[label] = measure_run(spec, lambda: load_model(model, seed=seed), train, test, steps, lr, seed)
     return Comparison(pd.DataFrame.from_dict(rows, orient="index"), logs)
+
+# %% ../../nbs/optim/99_family.ipynb #5bf10323
+def optim_family(steps:int,           # the run's length: projection refreshes and block switches happen within it
+                 lr:float=1e-4,       # the full-weight Adam-style runs' rate; adapters and the others scale from it
+                 rank:int=64,         # the projections' rank (GaLore, Q-GaLore, APOLLO)
+                )->dict:
+    "Run specs for the memory comparison: full AdamW, LoRA, QLoRA and every registered memory-efficient optimiser and scheme."
+    gap, every = max(1, steps // 2), max(1, steps // 4)
+    proj = dict(rank=rank, update_proj_gap=gap)
+    runs = {"full AdamW": dict(lr=lr),
+            "LoRA r=8": dict(method="lora", options=dict(r=8), lr=20 * lr),
+            "QLoRA r=8": dict(method="qlora", options=dict(r=8), lr=20 * lr),
+            "GaLore": dict(optimizer="galore", optimizer_options=proj | dict(scale=0.25), lr=4 * lr),
+            "GaLore 8-bit": dict(optimizer="galore-8bit", optimizer_options=proj | dict(scale=0.25), lr=4 * lr),
+            "GaLore per layer": dict(optimizer="galore-layerwise", optimizer_options=proj | dict(scale=0.25), lr=4 * lr, max_grad_norm=None),
+            "Q-GaLore": dict(optimizer="q-galore", optimizer_options=proj | dict(scale=0.25), lr=4 * lr),
+            "APOLLO": dict(optimizer="apollo", optimizer_options=proj, lr=lr),
+            "APOLLO-Mini": dict(optimizer="apollo-mini", optimizer_options=dict(update_proj_gap=gap), lr=lr),
+            "LISA": dict(schemes=[("lisa", dict(n_layers=2, interval_steps=every))], lr=lr),
+            "BAdam": dict(optimizer="badam", optimizer_options=dict(switch_block_every=every), lr=lr),
+            "LOMO": dict(optimizer="lomo", lr=100 * lr, max_grad_norm=None),
+            "AdaLomo": dict(optimizer="adalomo", lr=10 * lr, max_grad_norm=None),
+            "MeZO": dict(optimizer="mezo", optimizer_options=dict(eps=1e-3), lr=lr / 100),
+            "LoRA-Pro r=8": dict(method="lora", options=dict(r=8), optimizer="lora-pro", lr=20 * lr)}
+    discover()
+    named = lambda s: [n for n in (s.get("method"), s.get("optimizer"), *(n for n, _ in s.get("schemes", []))) if n]
+    return {label: s for label, s in runs.items() if all(n in METHODS for n in named(s))}
