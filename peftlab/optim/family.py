@@ -13,10 +13,12 @@ from ..core.models import load_model, load_tokenizer
 from ..core.data import get_task, sft_loader
 from ..core.train import fit, eval_loss, make_optimizer, make_scheme
 from ..core.compare import Comparison
-from .core import memory_ledger
+from .core import memory_ledger, MemoryLedger
+from ..core.bench import peak_rss_growth
+from ..core.estimate import profile_peak
 
 # %% auto #0
-__all__ = ['prepare', 'optimizer_and_schemes', 'measure_run', 'compare_memory', 'optim_family']
+__all__ = ['prepare', 'optimizer_and_schemes', 'measure_run', 'compare_memory', 'optim_family', 'inference_ledger']
 
 # %% ../../nbs/optim/99_family.ipynb #e826411c
 def prepare(spec:dict, model:nn.Module)->nn.Module:
@@ -95,3 +97,14 @@ def optim_family(steps:int,           # the run's length: projection refreshes a
     discover()
     named = lambda s: [n for n in (s.get("method"), s.get("optimizer"), *(n for n, _ in s.get("schemes", []))) if n]
     return {label: s for label, s in runs.items() if all(n in METHODS for n in named(s))}
+
+# %% ../../nbs/optim/99_family.ipynb #0f53e6eb
+def inference_ledger(model:nn.Module, batch:dict)->MemoryLedger:
+    "The ledger of one forward pass without gradients, in eval mode: weights and the forward's peak; no gradients, state or saved activations."
+    from peftlab.core.train import compute_loss
+    model.eval()
+    weights = sum(t.untyped_storage().nbytes() for t in {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}.values())
+    out = {}
+    with torch.no_grad(), peak_rss_growth() as rss:
+        peak, _ = profile_peak(lambda: out.setdefault("loss", compute_loss(model, batch).item()))
+    return MemoryLedger(weights, 0, 0, 0, weights + peak, rss.bytes, out["loss"])
