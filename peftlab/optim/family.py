@@ -85,7 +85,7 @@ def optim_family(steps:int,           # the run's length: projection refreshes a
             "GaLore": dict(optimizer="galore", optimizer_options=proj | dict(scale=0.25), lr=4 * lr),
             "GaLore 8-bit": dict(optimizer="galore-8bit", optimizer_options=proj | dict(scale=0.25), lr=4 * lr),
             "GaLore per layer": dict(optimizer="galore-layerwise", optimizer_options=proj | dict(scale=0.25), lr=4 * lr, max_grad_norm=None),
-            "Q-GaLore": dict(optimizer="q-galore", optimizer_options=proj | dict(scale=0.25), lr=4 * lr),
+            "Q-GaLore": dict(optimizer="q-galore", optimizer_options=proj | dict(scale=0.25), lr=4 * lr, max_grad_norm=None),
             "APOLLO": dict(optimizer="apollo", optimizer_options=proj, lr=lr),
             "APOLLO-Mini": dict(optimizer="apollo-mini", optimizer_options=dict(update_proj_gap=gap), lr=lr),
             "LISA": dict(schemes=[("lisa", dict(n_layers=2, interval_steps=every))], lr=lr),
