@@ -281,6 +281,7 @@ class GaLoreAdamW8bitLayerwise(LayerwiseUpdates, GaLoreAdamW8bit):
 @dataclass
 class GaLoreLayerwiseConfig(GaLoreConfig):
     eight_bit: bool = False                                           # 8-bit states (`GaLoreAdamW8bit`'s) instead of float32
+    eps: float|None = None             # added to √v; None: the variant's default (1e-6 float32, 1e-8 8-bit)
     blocksize: int = field(default=256, metadata=dict(ge=2))          # with eight_bit: values per absmax scale
     min_8bit_size: int = field(default=4096, metadata=dict(ge=0))     # with eight_bit: states with fewer elements stay float32
 
@@ -288,6 +289,7 @@ class GaLoreLayerwiseConfig(GaLoreConfig):
 def make_galore_layerwise(model:nn.Module, config:GaLoreLayerwiseConfig, lr:float, weight_decay:float)->GaLoreAdamW:
     "GaLore updating each weight inside backward; with `eight_bit`, on 8-bit states."
     groups = galore_groups(model, config, weight_decay)
-    if not config.eight_bit: return GaLoreAdamWLayerwise(groups, lr=lr, betas=config.betas, eps=config.eps)
-    return GaLoreAdamW8bitLayerwise(groups, lr=lr, betas=config.betas, eps=config.eps, weight_decay=weight_decay,
+    eps = config.eps if config.eps is not None else 1e-8 if config.eight_bit else 1e-6
+    if not config.eight_bit: return GaLoreAdamWLayerwise(groups, lr=lr, betas=config.betas, eps=eps)
+    return GaLoreAdamW8bitLayerwise(groups, lr=lr, betas=config.betas, eps=eps, weight_decay=weight_decay,
                                     blocksize=config.blocksize, min_8bit_size=config.min_8bit_size)
