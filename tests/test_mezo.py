@@ -1,4 +1,4 @@
-"""MeZO (`peftlab.optim.mezo`) against the reference's code path, and MeZO under `fit`.
+"""MeZO (`peftlab.optim.mezo`) against the reference's code path, and MeZO and its family (`peftlab.optim.zo`) under `fit`.
 
 The reference (princeton-nlp/MeZO, `large_models/trainer.py`) is not a package: `Reference` below writes out its
 `zo_perturb_parameters`, `zo_step` and `zo_update` as they are there (global `torch.manual_seed`, `param.data = ...`
@@ -107,8 +107,8 @@ def test_perturbation_is_the_references_bit_for_bit():
 
 
 def _fit(model, batch, steps, **kw):
-    return fit(model, [batch], steps=steps, lr=kw.pop("lr", 1e-3), optimizer="mezo", schedule="constant", warmup=0,
-               progress=False, **kw)
+    return fit(model, [batch], steps=steps, lr=kw.pop("lr", 1e-3), optimizer=kw.pop("optimizer", "mezo"),
+               schedule="constant", warmup=0, progress=False, **kw)
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_fit_equals_stepping_by_hand(kind):
@@ -148,3 +148,13 @@ def test_fit_refuses_dropout_and_accumulation():
         _fit(apply(tiny_llama(), "lora", r=4, dropout=0.1), batch, 1)
     with pytest.raises(ValueError, match="grad_accum=1"):
         _fit(_tiny("lora"), batch, 1, grad_accum=2)
+
+
+@pytest.mark.parametrize("name", ["sparse-mezo", "zo-adam", "zo-sgd-conserve"])
+def test_family_resumes_exactly(name, tmp_path):
+    "The family under fit: a resumed run (ZO-Adam's moments through the checkpoint) equals the uninterrupted one."
+    batch, kw = _batch(), dict(optimizer=name, checkpoint_every=2)
+    torch.manual_seed(0); straight = _tiny("lora"); _fit(straight, batch, 4, checkpoint_dir=tmp_path / "a", **kw)
+    torch.manual_seed(0); _fit(_tiny("lora"), batch, 4, checkpoint_dir=tmp_path / "b", callbacks=[StopAt(2)], **kw)
+    torch.manual_seed(0); resumed = _tiny("lora"); _fit(resumed, batch, 4, checkpoint_dir=tmp_path / "b", resume=True, **kw)
+    for (n, p), q in zip(straight.named_parameters(), resumed.parameters()): assert torch.equal(p, q), n
