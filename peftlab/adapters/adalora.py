@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/02_adalora.ipynb #196f20f5
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, adapters, record_method, applied_method, dense_weight
@@ -21,18 +21,18 @@ __all__ = ['AdaLoraConfig', 'AdaLoraLinear', 'adalora_layers', 'orth_regulariser
 # %% ../../nbs/adapters/02_adalora.ipynb #e0334e99
 @dataclass
 class AdaLoraConfig:
-    init_r: int = 12                  # r_0, each layer's rank before pruning
-    target_r: int = 8                 # the average rank per layer at the end: the budget is target_r · (number of layers)
-    alpha: float = 8                  # the update is (alpha / init_r) · P Λ Q
-    dropout: float = 0.0              # dropout on the adapter's input
+    init_r: int = field(default=12, metadata=dict(ge=1))  # r_0, each layer's rank before pruning
+    target_r: int = field(default=8, metadata=dict(ge=1))  # the average rank per layer at the end: the budget is target_r · (number of layers)
+    alpha: float = field(default=8, metadata=dict(gt=0))  # the update is (alpha / init_r) · P Λ Q
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear"
-    total_step: int|None = None       # T, the training steps (the schedule needs it)
-    tinit: int = 0                    # steps at the full budget before pruning starts
-    tfinal: int = 0                   # steps at the final budget at the end
-    deltaT: int = 1                   # prune every deltaT steps during the decrease
-    beta1: float = 0.85               # smoothing of the sensitivity
-    beta2: float = 0.85               # smoothing of the uncertainty
-    orth_reg_weight: float = 0.5      # weight of the orthogonality penalty on P and Q
+    total_step: int|None = field(default=None, metadata=dict(ge=1))  # T, the training steps (the schedule needs it)
+    tinit: int = field(default=0, metadata=dict(ge=0))  # steps at the full budget before pruning starts
+    tfinal: int = field(default=0, metadata=dict(ge=0))  # steps at the final budget at the end
+    deltaT: int = field(default=1, metadata=dict(ge=1))  # prune every deltaT steps during the decrease
+    beta1: float = field(default=0.85, metadata=dict(gt=0, lt=1))  # smoothing of the sensitivity
+    beta2: float = field(default=0.85, metadata=dict(gt=0, lt=1))  # smoothing of the uncertainty
+    orth_reg_weight: float = field(default=0.5, metadata=dict(ge=0))  # weight of the orthogonality penalty on P and Q
     rank_pattern: dict|None = None    # "<layer>.lora_E" -> kept triplets (list of bool); set by training, read when loading
 
     def __post_init__(self):

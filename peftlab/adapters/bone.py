@@ -5,7 +5,8 @@
 # %% ../../nbs/adapters/04_bone.ipynb #1b689348
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -21,9 +22,9 @@ MODES = ("bat", "block")
 
 @dataclass
 class BoneConfig:
-    r: int = 64                       # block size (bat: must divide both d_in and d_out; block: at most d_in)
-    mode: str = "bat"                 # "bat": Bone's block affine W(I + B) + B; "block": MiSS's shared shard added to every block
-    dropout: float = 0.0              # dropout on the input of the shard path (block mode only, as in PEFT)
+    r: int = field(default=64, metadata=dict(ge=1))  # block size (bat: must divide both d_in and d_out; block: at most d_in)
+    mode: Literal["bat", "block"] = "bat"  # "bat": Bone's block affine W(I + B) + B; "block": MiSS's shared shard added to every block
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the input of the shard path (block mode only, as in PEFT)
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear"
 
     def __post_init__(self):
@@ -33,7 +34,7 @@ class BoneConfig:
 
 @dataclass
 class MissConfig(BoneConfig):
-    mode: str = "block"               # MiSS's default: the shared shard
+    mode: Literal["bat", "block"] = "block"  # MiSS's default: the shared shard
 
 # %% ../../nbs/adapters/04_bone.ipynb #be3cbb64
 def _blocks(W:torch.Tensor, r:int)->torch.Tensor:

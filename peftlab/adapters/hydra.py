@@ -5,7 +5,7 @@
 # %% ../../nbs/adapters/13_hydra.ipynb #f5501b92
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import WeightMapAdapter, inject, record_method
@@ -18,8 +18,8 @@ __all__ = ['HydraConfig', 'HydraLinear', 'apply_hydra']
 # %% ../../nbs/adapters/13_hydra.ipynb #8dd9fb23
 @dataclass
 class HydraConfig:
-    r: int = 8                         # rank of each branch
-    alpha: float = 16                  # scaling numerator of each branch (alpha / r)
+    r: int = field(default=8, metadata=dict(ge=1))  # rank of each branch
+    alpha: float = field(default=16, metadata=dict(gt=0))  # scaling numerator of each branch (alpha / r)
     targets: str|list = "all-linear"   # module names, suffixes, regexes or "all-linear"
 
 class HydraLinear(WeightMapAdapter):

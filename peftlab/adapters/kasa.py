@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/12_kasa.ipynb #3204d488
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method, adapters, dense_weight
@@ -18,9 +18,9 @@ __all__ = ['KaSAConfig', 'KaSALinear', 'kasa_penalty', 'KaSARegularizer', 'apply
 # %% ../../nbs/adapters/12_kasa.ipynb #8892cfca
 @dataclass
 class KaSAConfig:
-    r: int = 8                        # singular directions dropped from W and learned anew
-    beta: float = 1e-4                # weight of the orthogonality penalty on ΔU
-    gamma: float = 1e-4               # weight of the orthogonality penalty on ΔV
+    r: int = field(default=8, metadata=dict(ge=1))  # singular directions dropped from W and learned anew
+    beta: float = field(default=1e-4, metadata=dict(ge=0))  # weight of the orthogonality penalty on ΔU
+    gamma: float = field(default=1e-4, metadata=dict(ge=0))  # weight of the orthogonality penalty on ΔV
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear"
 
 class KaSALinear(LayerAdapter):

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/11_loldu.ipynb #aee8370d
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method, dense_weight
@@ -17,7 +17,7 @@ __all__ = ['LoLDUConfig', 'ldu', 'LoLDULinear', 'apply_loldu']
 # %% ../../nbs/adapters/11_loldu.ipynb #7b00ee67
 @dataclass
 class LoLDUConfig:
-    r: int = 8                         # how many LDU components become trainable
+    r: int = field(default=8, metadata=dict(ge=1))  # how many LDU components become trainable
     targets: str|list = "all-linear"   # module names, suffixes, regexes or "all-linear"
 
 def ldu(w:torch.Tensor)->tuple[torch.Tensor,torch.Tensor,torch.Tensor]:

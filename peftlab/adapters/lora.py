@@ -21,9 +21,9 @@ __all__ = ['LORA_INITS', 'LoraConfig', 'check_rank', 'pattern_value', 'adapter_d
 # %% ../../nbs/adapters/00_lora.ipynb #fcffbef5
 @dataclass
 class LoraConfig:
-    r: int = 8                            # rank of the update
-    alpha: float = 16                     # scaling numerator: the update is (alpha / r) · B A
-    dropout: float = 0.0                  # dropout on the adapter's input
+    r: int = field(default=8, metadata=dict(ge=1))  # rank of the update
+    alpha: float = field(default=16, metadata=dict(gt=0))  # scaling numerator: the update is (alpha / r) · B A
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input
     rslora: bool = False                  # scale by alpha / sqrt(r) instead of alpha / r
     init: str = "kaiming"                 # how A and B start: "kaiming", "gaussian", or a registered init (see `LORA_INITS`)
     targets: str|list = "all-linear"      # module names, suffixes, regexes or "all-linear"

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/06_prefix_tuning.ipynb #e4cc377e
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -19,7 +19,7 @@ __all__ = ['PrefixTuningConfig', 'kv_shape', 'PrefixEncoder', 'apply_prefix_tuni
 # %% ../../nbs/adapters/06_prefix_tuning.ipynb #2a2986f5
 @dataclass
 class PrefixTuningConfig:
-    num_virtual_tokens: int = 20   # n, the prefix length per layer
+    num_virtual_tokens: int = field(default=20, metadata=dict(ge=1))  # n, the prefix length per layer
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1: raise ValueError(f"num_virtual_tokens={self.num_virtual_tokens}: choose at least 1")

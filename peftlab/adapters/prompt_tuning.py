@@ -5,7 +5,8 @@
 # %% ../../nbs/adapters/05_prompt_tuning.ipynb #a018f5df
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 import torch
 from torch import nn
 from ..core.adapter import record_method, _forget_method
@@ -21,8 +22,8 @@ PROMPT_INITS = ("random", "vocab", "text")
 
 @dataclass
 class PromptTuningConfig:
-    num_virtual_tokens: int = 20   # n, the number of virtual tokens
-    prompt_init: str = "random"    # "random" (N(0,1), PEFT's RANDOM), "vocab" (embeddings of random tokens) or "text"
+    num_virtual_tokens: int = field(default=20, metadata=dict(ge=1))  # n, the number of virtual tokens
+    prompt_init: Literal["random", "vocab", "text"] = "random"  # "random" (N(0,1), PEFT's RANDOM), "vocab" (embeddings of random tokens) or "text"
     init_text: str|None = None     # for prompt_init="text": the prompt whose token embeddings start P
     tokenizer: str|None = None     # for prompt_init="text": a name or path for `load_tokenizer`
 

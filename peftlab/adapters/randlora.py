@@ -5,7 +5,7 @@
 # %% ../../nbs/adapters/03_randlora.ipynb #15e19ba4
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -22,11 +22,11 @@ __all__ = ['BASES', 'RandLoraConfig', 'num_bases', 'random_bases', 'RandLoraLine
 # %% ../../nbs/adapters/03_randlora.ipynb #baf0f3ae
 @dataclass
 class RandLoraConfig:
-    r: int = 32                      # rank of each random basis (fewer bases when larger: N = ceil(min(d) / r))
-    alpha: float = 640               # the update is scaled by alpha / r (PEFT's default randlora_alpha)
-    dropout: float = 0.0             # dropout on the adapter's input
+    r: int = field(default=32, metadata=dict(ge=1))  # rank of each random basis (fewer bases when larger: N = ceil(min(d) / r))
+    alpha: float = field(default=640, metadata=dict(gt=0))  # the update is scaled by alpha / r (PEFT's default randlora_alpha)
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input
     targets: str|list = "all-linear" # module names, suffixes, regexes or "all-linear"
-    projection_prng_key: int = 0     # seed of the shared random bases
+    projection_prng_key: int = field(default=0, metadata=dict(ge=0))  # seed of the shared random bases
     save_projection: bool = True     # save the bases with the adapter (else they are regenerated from the seed)
     sparse: bool = False             # ternary sparse bases (1/6 of entries ±1), instead of dense Kaiming-uniform ones
     very_sparse: bool = False        # ternary bases with density 1/sqrt(min(d))

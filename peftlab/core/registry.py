@@ -4,24 +4,50 @@
 
 # %% ../../nbs/core/03_registry.ipynb #1d028456
 from __future__ import annotations
-import dataclasses, importlib, pkgutil
+import dataclasses, difflib, importlib, numbers, operator, pkgutil, types, typing
 from dataclasses import dataclass, fields
-from typing import Callable
+from typing import Any, Callable, Literal
 import pandas as pd
 from torch import nn
 
 # %% auto #0
-__all__ = ['METHODS', 'METHOD_PACKAGES', 'Method', 'register', 'discover', 'get_method', 'methods', 'methods_markdown',
-           'build_config', 'apply', 'method_callbacks']
+__all__ = ['METHODS', 'METHOD_PACKAGES', 'NOT_APPLIED', 'canonical_name', 'did_you_mean', 'MethodTable', 'UnknownName', 'Method',
+           'register', 'discover', 'get_method', 'methods', 'methods_markdown', 'range_text', 'describe', 'NoFit',
+           'convert', 'check_option', 'config_from', 'method_config', 'build_config', 'check_applicable', 'apply',
+           'method_callbacks']
+
+# %% ../../nbs/core/03_registry.ipynb #6b1e2f3a
+def canonical_name(name:str)->str:
+    "A method name in peftlab's one spelling: lower case, words joined by hyphens (`lora_ga` -> `lora-ga`)."
+    return name.strip().lower().replace("_", "-") if isinstance(name, str) else name
+
+def did_you_mean(name:str, names)->str:
+    "`\"; did you mean 'x'?\"` for the names in `names` nearest to `name` in spelling, or nothing if none is near."
+    near = difflib.get_close_matches(name, list(names), n=3, cutoff=0.6)
+    if not near: return ""
+    return f"; did you mean {', '.join(map(repr, near[:-1])) + ' or ' if near[1:] else ''}{near[-1]!r}?"
+
+class MethodTable(dict):
+    "`{name: Method}` keyed by canonical names; every lookup takes either spelling (`lora_ga` or `lora-ga`)."
+    def __setitem__(self, k, v): super().__setitem__(canonical_name(k), v)
+    def __getitem__(self, k): return super().__getitem__(canonical_name(k))
+    def __delitem__(self, k): super().__delitem__(canonical_name(k))
+    def __contains__(self, k): return super().__contains__(canonical_name(k))
+    def get(self, k, default=None): return super().get(canonical_name(k), default)
+    def pop(self, k, *default): return super().pop(canonical_name(k), *default)
+
+class UnknownName(KeyError):
+    "A name that is not registered: a `KeyError` whose message prints as written."
+    def __str__(self): return str(self.args[0]) if self.args else ""
 
 # %% ../../nbs/core/03_registry.ipynb #3aa2101e
 @dataclass
 class Method:
     name: str                   # the name `apply` and the command line use
-    category: str               # adapter, init, quant, optim, sparse, merge, objective, data, analysis
+    category: str               # adapter, init, quant, optim, scheme, sparse, merge, objective, data, analysis
     paper: str                  # the paper's title
     config: type                # the config dataclass
-    apply: Callable             # apply(model, config) -> model
+    apply: Callable             # apply(model, config) -> model (for "optim" and "scheme": their own factory)
     peft: str|None = None       # PEFT's `peft_type` for the same method, if PEFT has it
     to_peft: Callable|None = None    # (config, model) -> PEFT's adapter_config.json dict
     from_peft: Callable|None = None  # PEFT's adapter_config.json dict -> our config kwargs
@@ -29,15 +55,16 @@ class Method:
     load_state: Callable|None = None # (model, saved tensors) -> None, the inverse of `save_state`
     callbacks: Callable|None = None  # config -> list of `fit` callbacks the method trains with (AdaLoRA's budget, ...)
 
-METHODS: dict[str, Method] = {}
+METHODS: dict[str, Method] = MethodTable()
 
 def register(name:str, *, category:str, paper:str, config:type, peft:str|None=None,
              to_peft:Callable|None=None, from_peft:Callable|None=None,
              save_state:Callable|None=None, load_state:Callable|None=None, callbacks:Callable|None=None):
-    "Decorator: register `apply(model, config)` as method `name`."
+    "Decorator: register `apply(model, config)` as method `name` (stored in its canonical spelling)."
     if not dataclasses.is_dataclass(config): raise TypeError(f"config of {name!r} must be a dataclass")
     def deco(fn):
-        METHODS[name] = Method(name, category, paper, config, fn, peft, to_peft, from_peft, save_state, load_state, callbacks)
+        m = Method(canonical_name(name), category, paper, config, fn, peft, to_peft, from_peft, save_state, load_state, callbacks)
+        METHODS[m.name] = m
         return fn
     return deco
 
@@ -52,9 +79,10 @@ def discover():
         for info in pkgutil.walk_packages(mod.__path__, f"peftlab.{pkg}."): importlib.import_module(info.name)
 
 def get_method(name:str)->Method:
-    "The registered method `name`, or an error listing the ones there are."
+    "The registered method `name`, in either spelling, or an error suggesting the nearest registered names."
     if name not in METHODS: discover()
-    if name not in METHODS: raise KeyError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
+    if name not in METHODS:
+        raise UnknownName(f"unknown method {name!r}{did_you_mean(canonical_name(name), METHODS)}; methods() lists all {len(METHODS)}")
     return METHODS[name]
 
 # %% ../../nbs/core/03_registry.ipynb #69d4da04
@@ -73,13 +101,151 @@ def methods_markdown(category:str|None=None)->str:
         rows.append(f"| `{r.name}` | {r.category} | {r.paper} | {r.peft if isinstance(r.peft, str) else '—'} |")
     return "\n".join(rows)
 
+# %% ../../nbs/core/03_registry.ipynb #9e4f5a6d
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+          dict: "a mapping (dict)", tuple: "a tuple", type(None): "None"}
+_RANGE = dict(gt=(operator.gt, ">"), ge=(operator.ge, ">="), lt=(operator.lt, "<"), le=(operator.le, "<="))
+
+def range_text(meta)->str:
+    "A field's declared range in words: `dict(ge=0, lt=1)` -> `'>= 0 and < 1'` ('' if none)."
+    return " and ".join(f"{sym} {meta[k]}" for k, (_, sym) in _RANGE.items() if k in meta)
+
+def describe(tp, meta=None)->str:
+    "What annotation `tp` (and the range in field metadata `meta`) allows, in words."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args and meta and range_text(meta):
+        return describe(typing.Union[tuple(a for a in args if a is not type(None))], meta) + " or None"
+    if origin is Literal: words = "one of " + ", ".join(map(repr, args))
+    elif origin in (typing.Union, types.UnionType): words = " or ".join(describe(a) for a in args)
+    else: words = _WORDS.get(origin or tp, "anything" if tp is Any else getattr(tp, "__name__", str(tp)))
+    return f"{words} {range_text(meta)}" if meta and range_text(meta) else words
+
+# %% ../../nbs/core/03_registry.ipynb #2b7c8d9a
+class NoFit(Exception): "A value that does not fit an annotation."
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+def _number(kind:type, v):
+    if isinstance(v, bool): raise NoFit
+    if isinstance(v, numbers.Integral): return int(v)   # numpy's integers too
+    if kind is float and isinstance(v, numbers.Real): return float(v)
+    if not isinstance(v, str): raise NoFit
+    try: return kind(v.strip())
+    except ValueError: raise NoFit from None
+
+def _bool(v):
+    if isinstance(v, bool): return v
+    if isinstance(v, str) and v.strip().lower() in _TRUE + _FALSE: return v.strip().lower() in _TRUE
+    raise NoFit
+
+def _str(v):
+    if isinstance(v, str): return v
+    raise NoFit
+
+_SIMPLE = {int: lambda v: _number(int, v), float: lambda v: _number(float, v), bool: _bool, str: _str}
+
+# %% ../../nbs/core/03_registry.ipynb #3c8d9e0b
+def _sequence(v, args):
+    if isinstance(v, str): v = [s.strip() for s in v.split(",") if s.strip()]   # "a,b" from the command line
+    if not isinstance(v, (list, tuple)): raise NoFit
+    return [convert(args[0], x) for x in v] if args else list(v)
+
+def _mapping(v, args):
+    if not isinstance(v, dict): raise NoFit
+    return {convert(args[0], k): convert(args[1], x) for k, x in v.items()} if len(args) == 2 else dict(v)
+
+def _literal(v, args):
+    for a in args:
+        if v == a and type(v) is type(a): return a
+    for a in args:   # "8" for Literal[8], "lora_ga" for Literal["lora-ga"]
+        if isinstance(v, str) and (str(a) == v or canonical_name(str(a)) == canonical_name(v)): return a
+    raise NoFit
+
+def _union(v, args):
+    if type(None) in args and (v is None or (isinstance(v, str) and v.strip().lower() in ("none", "null"))): return None
+    plain = [a for a in args if isinstance(a, type) and typing.get_origin(a) is None]
+    if any(isinstance(v, a) and (a is bool or not isinstance(v, bool)) for a in plain): return v   # already one of them
+    for a in args:
+        try: return convert(a, v)
+        except NoFit: pass
+    raise NoFit
+
+# %% ../../nbs/core/03_registry.ipynb #4d9e0f1c
+def convert(tp, v):
+    "`v` as annotation `tp` asks, converting command-line strings (`'8'`, `'true'`, `'a,b'`); `NoFit` if it cannot."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is Any or isinstance(tp, (str, typing.TypeVar)): return v   # nothing to check (or an unresolved annotation)
+    if origin is Literal: return _literal(v, args)
+    if origin in (typing.Union, types.UnionType): return _union(v, args)
+    if tp in (None, type(None)):
+        if v is None: return v
+        raise NoFit
+    kind = origin or tp
+    if kind in (list, tuple, set): return _sequence(v, args)
+    if kind is dict: return _mapping(v, args)
+    if kind in _SIMPLE: return _SIMPLE[kind](v)
+    if isinstance(kind, type) and not isinstance(v, kind): raise NoFit
+    return v
+
+# %% ../../nbs/core/03_registry.ipynb #7a2b3c4f
+def check_option(owner:str, f:dataclasses.Field, tp, value):
+    "`value` for field `f` (annotation `tp`) of `owner`'s config, converted and checked; else an error naming the option."
+    where = f"option {f.name}={value!r} of {owner}"
+    try: v = convert(tp, value)
+    except NoFit:
+        near = did_you_mean(value, typing.get_args(tp)) if typing.get_origin(tp) is Literal and isinstance(value, str) else ""
+        err = ValueError if near or typing.get_origin(tp) is Literal else TypeError
+        raise err(f"{where} must be {describe(tp, f.metadata)}{near}") from None
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not all(
+            op(v, f.metadata[k]) for k, (op, _) in _RANGE.items() if k in f.metadata):
+        raise ValueError(f"{where} must be {range_text(f.metadata)}")   # the type is right: the range is what is wrong
+    return v
+
+# %% ../../nbs/core/03_registry.ipynb #8b3c4d5a
+def _hints(cls:type)->dict:
+    "The resolved annotations of dataclass `cls` (its fields' own, unresolved, where they cannot be resolved)."
+    try: return typing.get_type_hints(cls)
+    except Exception: return {f.name: f.type for f in fields(cls)}
+
+def _known_keys(owner:str, config_cls:type, options:dict)->dict:
+    "`options` with `init-r` read as `init_r`; unknown keys are an error suggesting the nearest valid ones."
+    valid = [f.name for f in fields(config_cls) if f.init]
+    options = {(k.replace("-", "_") if k not in valid and k.replace("-", "_") in valid else k): v for k, v in options.items()}
+    if unknown := [k for k in options if k not in valid]:
+        raise TypeError(f"unknown option(s) {unknown} for {owner}{did_you_mean(unknown[0], valid)}; valid options: {valid}")
+    return options
+
+def config_from(config_cls:type,       # a config dataclass
+                options:dict,          # option name -> value (strings are converted)
+                owner:str|None=None,   # what the errors name (default: the class's name)
+               ):
+    "An instance of `config_cls` from `options`, each converted and checked against its field before the class sees it."
+    owner = owner or config_cls.__name__
+    options, hints = _known_keys(owner, config_cls, options), _hints(config_cls)
+    by_name = {f.name: f for f in fields(config_cls)}
+    return config_cls(**{k: check_option(owner, by_name[k], hints.get(k, Any), v) for k, v in options.items()})
+
 # %% ../../nbs/core/03_registry.ipynb #f790c229
+def method_config(method:Method|str,     # a registered method or its name
+                  options:dict|None=None,  # the method's options (strings from a command line are converted)
+                  **kwargs,                # more options
+                 ):
+    "The config of `method` from `options`, each checked against its field's type, range and choices."
+    m = method if isinstance(method, Method) else get_method(method)
+    return config_from(m.config, {**(options or {}), **kwargs}, f"method {m.name!r}")
+
 def build_config(config_cls:type, **kwargs):
-    "An instance of dataclass `config_cls` from `kwargs`, rejecting unknown keys by name."
-    valid = [f.name for f in fields(config_cls)]
-    unknown = [k for k in kwargs if k not in valid]
-    if unknown: raise TypeError(f"unknown option(s) {unknown} for {config_cls.__name__}; valid options: {valid}")
-    return config_cls(**kwargs)
+    "An instance of dataclass `config_cls` from `kwargs`, each checked against its field (see `config_from`)."
+    return config_from(config_cls, kwargs)
+
+# %% ../../nbs/core/03_registry.ipynb #1e6f7a8d
+NOT_APPLIED = dict(  # category -> where its methods go instead of `apply` ({n}: the method's name)
+    optim="an optimiser: pass it to fit(optimizer={n!r}) or make_optimizer(model, {n!r})",
+    scheme="a training scheme: pass it to fit(callbacks=[{n!r}]) or make_scheme(model, {n!r})")
+
+def check_applicable(m:Method):
+    "Raise unless `apply` can put method `m` on a model."
+    if m.category in NOT_APPLIED: raise ValueError(f"{m.name!r} is {NOT_APPLIED[m.category].format(n=m.name)}")
 
 def apply(model:nn.Module,        # a transformers model (changed in place)
           method:str,             # a registered method name, see `methods()`
@@ -91,7 +257,8 @@ def apply(model:nn.Module,        # a transformers model (changed in place)
     from peftlab.core.distributed import check_model_not_sharded
     check_model_not_sharded(model, f"applying {method!r} (its init may read whole weights): apply methods before sharding")
     m = get_method(method)
-    return add_adapter(model, m, build_config(m.config, **config), name)
+    check_applicable(m)
+    return add_adapter(model, m, method_config(m, config), name)
 
 # %% ../../nbs/core/03_registry.ipynb #bb222af3
 def method_callbacks(model:nn.Module)->list:
