@@ -4,15 +4,15 @@
 
 # %% ../../nbs/core/08_cli.ipynb #d3ebca45
 from __future__ import annotations
-import argparse, ast, inspect, json, os, sys, time
+import argparse, ast, inspect, json, os, re, sys, time
 from pathlib import Path
 import torch
 
 # %% auto #0
 __all__ = ['MERGE_PROBE', 'USER_ERRORS', 'RUN_CONFIG', 'NOT_SETTINGS', 'parse_options', 'is_main_process', 'fit_flags',
-           'finetune', 'list_methods', 'eval_adapter', 'merge_adapter', 'estimate', 'bench_family', 'parser', 'main',
-           'run', 'settings', 'read_config', 'check_config', 'parse_args', 'run_config', 'yaml_text',
-           'write_run_config']
+           'method_from_flags', 'finetune', 'list_methods', 'eval_adapter', 'merge_adapter', 'estimate', 'bench_family',
+           'parser', 'in_flag_terms', 'main', 'run', 'settings', 'read_config', 'check_config', 'parse_args',
+           'run_config', 'yaml_text', 'write_run_config']
 
 # %% ../../nbs/core/08_cli.ipynb #926ed232
 def parse_options(pairs:list[str])->dict:
@@ -29,7 +29,7 @@ def parse_options(pairs:list[str])->dict:
 def _examples(args):
     from peftlab.core.data import get_task, load_examples, DEMO
     if args.data:
-        ex = load_examples(args.data)
+        ex = load_examples(args.data, args.prompt_column, args.answer_column)
         n_test = max(1, min(args.n_test, len(ex) // 5))
         return ex[n_test:], ex[:n_test]
     task = get_task(args.task, n_train=args.n_train, n_test=args.n_test, seed=args.seed)
@@ -48,16 +48,27 @@ def fit_flags(args, fit)->dict:
         raise ValueError(f"this peftlab's fit() has no {missing[0]!r} option: run without --{missing[0].replace('_', '-')}")
     return kw
 
+def method_from_flags(args)->tuple:
+    "`(method, config)` from `--method` and `--set`, checked before any work; an error names the flag at fault."
+    from peftlab.core.registry import METHODS, NOT_APPLIED, get_method, method_config, did_you_mean, canonical_name
+    try: method = get_method(args.method)
+    except KeyError as e:
+        raise type(e)(f"--method: unknown method {args.method!r}{did_you_mean(canonical_name(args.method), METHODS)}; "
+                      f"`peftlab methods` lists all {len(METHODS)}") from None
+    if method.category in NOT_APPLIED:
+        raise ValueError(f"--method {args.method}: {method.name!r} is not applied to a model (category {method.category!r}); "
+                         "finetune applies the methods `peftlab methods --category adapter` (or init, quant) lists")
+    try: return method, method_config(method, args.options)
+    except (TypeError, ValueError) as e: raise type(e)(f"--set: {e}") from None
+
 def finetune(args)->dict:
     "Fine-tune `args.model` with `args.method` on a task or a data file; evaluate before and after; save."
     from peftlab.core.models import load_model, load_tokenizer
-    from peftlab.core.registry import get_method, build_config
     from peftlab.core.surgery import trainable_report
     from peftlab.core.data import sft_loader
     from peftlab.core.train import fit, evaluate
     from peftlab.core.io import save_adapter
-    method = get_method(args.method)
-    config = build_config(method.config, **args.options)  # a misspelt option fails before any work
+    method, config = method_from_flags(args)  # a misspelt or impossible option fails before any work
     flags, main = fit_flags(args, fit), is_main_process()
     say = print if main else (lambda *a: None)
     torch.manual_seed(args.seed)
@@ -79,7 +90,6 @@ def finetune(args)->dict:
         print(f"adapter saved to {out} (with its settings in {RUN_CONFIG})")
         print(f"before: {before['accuracy']:.2f}  after: {after['accuracy']:.2f}")
     return dict(before=before, after=after)
-
 
 # %% ../../nbs/core/08_cli.ipynb #dbf92dd0
 def list_methods(args):
@@ -127,7 +137,6 @@ def estimate(args):
           f"{', gradient checkpointing' if args.checkpointing else ''}:\n{e!r}")
     return e
 
-
 # %% ../../nbs/core/08_cli.ipynb #682a5528
 def bench_family(args):
     "Compare a family of methods on one task and budget; print the table and write it as JSON."
@@ -146,6 +155,8 @@ def _data_args(p, demo):
     p.add_argument("--model", default="smollm2-135m", help="smollm2-135m, tiny-llama, a HF directory or a .gguf file")
     p.add_argument("--task", default=demo["task"], help="a bundled task (see peftlab.core.data.TASKS)")
     p.add_argument("--data", default=None, help="your own JSONL/CSV/Parquet file with prompt and answer columns")
+    p.add_argument("--prompt-column", default="prompt", help="with --data: the column holding the prompts")
+    p.add_argument("--answer-column", default="answer", help="with --data: the column holding the answers")
     p.add_argument("--n-train", type=int, default=demo["n_train"])
     p.add_argument("--n-test", type=int, default=demo["n_test"])
     p.add_argument("--max-new-tokens", type=int, default=demo["max_new_tokens"])
@@ -194,11 +205,23 @@ def parser()->argparse.ArgumentParser:
 
 USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, ModuleNotFoundError)
 
+def in_flag_terms(message:str, argv:list[str])->str:
+    "`message` with each Python keyword that the command has as a flag (`prompt_column=`) written as the flag (`--prompt-column`)."
+    p = parser().commands.get((argv or ["finetune"])[0])
+    if p is None: return message
+    names = "|".join(sorted(map(re.escape, settings(p)), key=len, reverse=True))
+    return re.sub(rf"\b({names})=(?=[\s,.;:)]|$)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
 def main(argv:list[str]|None=None):
-    "Entry point of the `peftlab` command; from a shell, mistakes print one line instead of a traceback."
-    if argv is not None: return run(argv)
-    try: run(sys.argv[1:])  # the result is for Python callers; a shell gets exit status 0
-    except USER_ERRORS as e: sys.exit(f"peftlab: error: {e}")
+    "Entry point of the `peftlab` command; from a shell, mistakes print one line, in the command's terms, not a traceback."
+    shell, argv = argv is None, sys.argv[1:] if argv is None else argv
+    try: res = run(argv)
+    except USER_ERRORS as e:
+        msg = in_flag_terms(str(e), argv)
+        if shell: sys.exit(f"peftlab: error: {msg}")
+        if msg == str(e): raise
+        raise type(e)(msg) from None
+    return None if shell else res  # the result is for Python callers; a shell gets exit status 0
 
 def run(argv:list[str]):
     "Parse `argv` and run the command it names (`finetune` when empty)."
@@ -232,7 +255,6 @@ def read_config(path:str|Path)->dict:
     norm = {str(k).replace("-", "_"): v for k, v in cfg.items()}
     return {("options" if k == "set" else k): v for k, v in norm.items()}
 
-
 # %% ../../nbs/core/08_cli.ipynb #83a0df1d
 def _typed(action:argparse.Action, value, path):
     "A config file's `value` for `action`, checked and converted as the flag's would be."
@@ -256,7 +278,6 @@ def check_config(cfg:dict, p:argparse.ArgumentParser, path)->dict:
     if unknown := sorted(set(cfg) - set(valid)):
         raise ValueError(f"{path}: unknown key(s) {unknown}; valid keys: {sorted(valid)}")
     return {k: _typed(valid[k], v, path) for k, v in cfg.items()}
-
 
 # %% ../../nbs/core/08_cli.ipynb #381940ef
 def _demo_options(method:str)->dict:
@@ -293,7 +314,6 @@ def write_run_config(args:argparse.Namespace, directory:str|Path)->Path:
     path = Path(directory)/RUN_CONFIG
     path.write_text(yaml_text(run_config(args)))
     return path
-
 
 # %% ../../nbs/core/08_cli.ipynb #9a5e4ad6
 #| eval: false
