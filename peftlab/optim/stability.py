@@ -54,7 +54,8 @@ class FreezeLowerConfig:
 
 class FreezeParameters(Callback):
     "Keep `params` from training: no gradient during each step (trainable again between steps, for checkpoints)."
-    def __init__(self, params:list[nn.Parameter]): self.params = params
+    def __init__(self, params:list[nn.Parameter]):   # the parameters kept from training
+        self.params = params
     def on_step_begin(self, state:TrainState):
         for p in self.params: p.requires_grad_(False)
     def on_step_end(self, state:TrainState):
@@ -75,7 +76,8 @@ class ReinitTopConfig:
 
 class ReinitLayers(Callback):
     "Re-initialise `layers` with `model._init_weights` when training starts (not on resume)."
-    def __init__(self, model:nn.Module, layers:list[nn.Module]):
+    def __init__(self, model:nn.Module,          # a transformers model (its `_init_weights` draws the weights)
+                 layers:list[nn.Module]):        # the layers to re-initialise
         if not hasattr(model, "_init_weights"):
             raise ValueError(f"{type(model).__name__} has no `_init_weights`: reinit-top needs a transformers model, which knows its initialisation")
         self.layers = layers
