@@ -76,7 +76,7 @@ def _providers(peftlab, eager, liger=None, bnb=None, compile_ref=True)->dict:
 
 
 def setup_rms_norm(cfg, tokens, dtype, device)->Case:
-    from peftlab.kernels.rms_norm import rms_norm, rms_norm_ref
+    from peftlab.kernels.rms_norm_kernel import rms_norm, rms_norm_ref
     H = cfg["H"]
     x = torch.randn(tokens, H, device=device, dtype=dtype, requires_grad=True)
     w = torch.ones(H, device=device, dtype=dtype, requires_grad=True)
@@ -93,7 +93,7 @@ def setup_rms_norm(cfg, tokens, dtype, device)->Case:
 
 
 def setup_rope(cfg, tokens, dtype, device)->Case:
-    from peftlab.kernels.rope import rope, rope_ref
+    from peftlab.kernels.rope_kernel import rope, rope_ref
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
     B, T = (1, tokens) if tokens > 8192 else (max(1, tokens // 2048), min(tokens, 2048))   # 4 x 2048, or 1 x 32k
@@ -113,7 +113,7 @@ def setup_rope(cfg, tokens, dtype, device)->Case:
 
 
 def setup_swiglu(cfg, tokens, dtype, device)->Case:
-    from peftlab.kernels.swiglu import swiglu, swiglu_ref
+    from peftlab.kernels.swiglu_kernel import swiglu, swiglu_ref
     I = cfg["I"]
     g = torch.randn(tokens, I, device=device, dtype=dtype, requires_grad=True)
     u = torch.randn(tokens, I, device=device, dtype=dtype, requires_grad=True)
@@ -125,7 +125,7 @@ def setup_swiglu(cfg, tokens, dtype, device)->Case:
 
 
 def setup_fused_linear_cross_entropy(cfg, tokens, dtype, device)->Case:
-    from peftlab.kernels.fused_linear_cross_entropy import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
+    from peftlab.kernels.fused_linear_cross_entropy_kernel import fused_linear_cross_entropy, fused_linear_cross_entropy_ref
     H, V = cfg["H"], cfg["V"]
     h = (torch.randn(tokens, H, device=device) / H ** 0.5).to(dtype).requires_grad_()
     W = (torch.randn(V, H, device=device) / H ** 0.5).to(dtype).requires_grad_()
@@ -183,8 +183,8 @@ def setup_nf4_linear(cfg, tokens, dtype, device)->Case:
 
 
 def setup_lora_linear(cfg, tokens, dtype, device, r=16)->Case:
-    ll = optional("peftlab.kernels.lora_linear")
-    if ll is None: raise ModuleNotFoundError("peftlab.kernels.lora_linear is not there yet")
+    ll = optional("peftlab.kernels.lora_linear_kernel")
+    if ll is None: raise ModuleNotFoundError("peftlab.kernels.lora_linear_kernel is not there yet")
     N, K = cfg["I"], cfg["H"]
     W = (torch.randn(N, K, device=device) / K ** 0.5).to(dtype)
     x = torch.randn(tokens, K, device=device, dtype=dtype, requires_grad=True)
@@ -289,7 +289,7 @@ def _e2e_model(variant:str, r:int=16):
         model = apply(model, "qlora", r=r, alpha=2 * r, targets=TARGETS, double_quant=True, compute_dtype="bfloat16")
     else: model = apply(model, "lora", r=r, alpha=2 * r, targets=TARGETS)
     if "patched" in variant:
-        from peftlab.kernels.patch import patch
+        from peftlab.kernels.patching import patch
         patch(model)
     return model
 

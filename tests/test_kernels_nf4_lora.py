@@ -1,4 +1,4 @@
-"""NF4 and LoRA-linear kernels (`peftlab.kernels.nf4`, `peftlab.kernels.lora_linear`): the checks that need no Triton.
+"""NF4 and LoRA-linear kernels (`peftlab.kernels.nf4`, `peftlab.kernels.lora_linear_kernel`): the checks that need no Triton.
 
 The Triton kernels run on CPU only under Triton's interpreter, chosen when the kernels are defined, so they are tested
 in `tests/kernels_interpret/interpret_nf4.py` and `interpret_lora_linear.py`, which `tests/test_kernels_interpret.py`
@@ -13,7 +13,7 @@ import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 from peftlab.core.testing import assert_close
 from peftlab.kernels.nf4 import nf4_dequantize, nf4_dequantize_ref, nf4_linear, NF4Weight, as_nf4_weight
-from peftlab.kernels.lora_linear import lora_linear, lora_linear_ref, LoraLinearFn
+from peftlab.kernels.lora_linear_kernel import lora_linear, lora_linear_ref, LoraLinearFn
 
 @pytest.fixture(autouse=True)
 def no_compile():

@@ -3,8 +3,8 @@ import pytest, torch
 import torch.nn.functional as F
 from hypothesis import given, example, strategies as st
 from kernel_checks import DEVICE, DTYPES, check_kernel
-from peftlab.kernels import fused_linear_cross_entropy as flce_mod
-from peftlab.kernels.fused_linear_cross_entropy import (fused_linear_cross_entropy, fused_linear_cross_entropy_ref,
+from peftlab.kernels import fused_linear_cross_entropy_kernel as flce_mod
+from peftlab.kernels.fused_linear_cross_entropy_kernel import (fused_linear_cross_entropy, fused_linear_cross_entropy_ref,
     FusedLinearCrossEntropyFunction, cross_entropy_chunk, cross_entropy_chunk_ref)
 
 names = ["loss", "dhidden", "dweight"]

@@ -3,7 +3,7 @@ import math
 import pytest, torch
 from hypothesis import given, example, settings, strategies as st
 from kernel_checks import DEVICE, DTYPES, check_kernel
-from peftlab.kernels.lora_linear import lora_linear, lora_linear_ref
+from peftlab.kernels.lora_linear_kernel import lora_linear, lora_linear_ref
 from peftlab.kernels.nf4 import NF4Weight
 from peftlab.quant.nf4 import quantize_nf4
 

@@ -4,7 +4,7 @@ from kernel_checks import DEVICE
 from peftlab.quant.qlora import quantize_model
 from transformers.models.llama import modeling_llama
 from peftlab.core.models import tiny_llama
-from peftlab.kernels.patch import patch, unpatch, patched, same_as_unpatched, lora_tiny_llama, KINDS
+from peftlab.kernels.patching import patch, unpatch, patched, same_as_unpatched, lora_tiny_llama, KINDS
 
 CASES = [  # name, make, kinds, expected counts
     ("float32", lambda: tiny_llama().to(DEVICE).train(), KINDS, dict(rms_norm=5, swiglu=2, loss=1, rope=1)),
@@ -43,7 +43,7 @@ def test_nf4_layers_without_lora():
 def test_patched_forward_calls_the_kernels(monkeypatch):
     "The functions the patch installs really reach the Triton autograd Functions (not the references)."
     seen = set()
-    from peftlab.kernels import rms_norm, rope, swiglu, fused_linear_cross_entropy as flce
+    from peftlab.kernels import rms_norm_kernel as rms_norm, rope_kernel as rope, swiglu_kernel as swiglu, fused_linear_cross_entropy_kernel as flce
     for mod, fn in [(rms_norm, "RMSNormFunction"), (rope, "RoPEFunction"), (swiglu, "SwiGLUFunction"), (flce, "FusedLinearCrossEntropyFunction")]:
         cls = getattr(mod, fn)
         monkeypatch.setattr(cls, "apply", classmethod(lambda c, *a, _n=fn, _f=cls.apply: seen.add(_n) or _f(*a)))

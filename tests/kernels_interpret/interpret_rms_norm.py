@@ -2,7 +2,7 @@
 import pytest, torch
 from hypothesis import given, example, strategies as st
 from kernel_checks import DEVICE, DTYPES, check_kernel
-from peftlab.kernels.rms_norm import rms_norm, rms_norm_ref, RMSNormFunction
+from peftlab.kernels.rms_norm_kernel import rms_norm, rms_norm_ref, RMSNormFunction
 
 kernel = lambda x, w: RMSNormFunction.apply(x, w, 1e-5)
 reference = lambda x, w: rms_norm_ref(x, w, 1e-5)

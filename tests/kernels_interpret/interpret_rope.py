@@ -4,7 +4,7 @@ from hypothesis import given, example, strategies as st
 from kernel_checks import DEVICE, DTYPES, check_kernel
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
-from peftlab.kernels.rope import rope, rope_ref, RoPEFunction
+from peftlab.kernels.rope_kernel import rope, rope_ref, RoPEFunction
 
 kernel = lambda q, k, cos, sin: RoPEFunction.apply(q, k, cos, sin, False)
 names = ["q", "k", "dq", "dk"]

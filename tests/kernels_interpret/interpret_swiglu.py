@@ -3,7 +3,7 @@ import pytest, torch
 import torch.nn.functional as F
 from hypothesis import given, example, strategies as st
 from kernel_checks import DEVICE, DTYPES, check_kernel
-from peftlab.kernels.swiglu import swiglu, SwiGLUFunction, BLOCK_SIZE
+from peftlab.kernels.swiglu_kernel import swiglu, SwiGLUFunction, BLOCK_SIZE
 
 reference = lambda g, u: F.silu(g) * u
 names = ["h", "dgate", "dup"]

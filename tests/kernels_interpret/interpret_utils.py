@@ -2,7 +2,7 @@
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 from kernel_checks import INTERPRET, DEVICE
-from peftlab.kernels import utils, rms_norm, rope, swiglu, fused_linear_cross_entropy as flce
+from peftlab.kernels import utils, rms_norm_kernel as rms_norm, rope_kernel as rope, swiglu_kernel as swiglu, fused_linear_cross_entropy_kernel as flce
 
 def test_use_triton_follows_how_the_kernels_were_built():
     assert utils.INTERPRET == INTERPRET
