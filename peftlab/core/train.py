@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tqdm.auto import tqdm
 from .data import encode_example, prompt_ids
-from .registry import METHODS, build_config, discover, get_method, method_callbacks
+from .registry import METHODS, method_config, discover, get_method, method_callbacks
 from .named import adapter_names, adapter_parameters
 from .distributed import (world_size, rank, is_main_process, init_distributed, init_single_process_group,
     barrier, all_reduce_sum, broadcast_object, gather_objects, batch_rows, shard_batch, full_tensor, wrap_ddp, shard_model, is_fsdp)
@@ -153,7 +153,7 @@ def make_optimizer(model:nn.Module,
     "The optimiser `fit` steps: `optimizer` as given or built, a registered one by name, else AdamW over the trainable parameters."
     if isinstance(optimizer, str):
         m = registered(optimizer, "optim", "an optimiser")
-        return m.apply(model, build_config(m.config, **options), lr, weight_decay)
+        return m.apply(model, method_config(m, options), lr, weight_decay)
     if options: raise TypeError(f"options {sorted(options)} belong to a registered optimiser named by a string "
                                 "(e.g. optimizer='galore'); this optimizer takes none")
     if isinstance(optimizer, torch.optim.Optimizer): return optimizer
@@ -168,7 +168,7 @@ def make_scheme(model:nn.Module,
                )->Callback:
     "The `fit` callback of training scheme `name` for `model`."
     m = registered(name, "scheme", "a training scheme")
-    return m.apply(model, build_config(m.config, **options))
+    return m.apply(model, method_config(m, options))
 
 def param_groups(model:nn.Module, params:list[nn.Parameter], weight_decay:float=0.0)->list[dict]:
     "AdamW's groups: matrices decay, vectors do not; a pair per named adapter when `model` has several (each its own `name`)."
