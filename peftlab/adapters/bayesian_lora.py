@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/21_bayesian_lora.ipynb #9707b987
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import inject, record_method, adapters
@@ -21,11 +21,11 @@ LEVELS = (2, 4, 8, 32)  # bit widths the nested gates choose between (32: not qu
 
 @dataclass
 class BayesianLoRAConfig(LoraConfig):
-    lambda_rank: float = 0.1    # λ_r: weight of the expected share of active rank components
-    lambda_bits: float = 0.1    # λ_b: weight of the expected bits, as a share of 32
+    lambda_rank: float = field(default=0.1, metadata=dict(ge=0))  # λ_r: weight of the expected share of active rank components
+    lambda_bits: float = field(default=0.1, metadata=dict(ge=0))  # λ_b: weight of the expected bits, as a share of 32
     gate_init: float = 2.0      # initial gate logits (σ(2) ≈ 0.88: start nearly full rank and full precision)
-    gate_lr: float = 0.1        # Adam learning rate of the gate logits
-    select_step: int = 10       # gates are rounded and frozen before this step
+    gate_lr: float = field(default=0.1, metadata=dict(gt=0))  # Adam learning rate of the gate logits
+    select_step: int = field(default=10, metadata=dict(ge=0))  # gates are rounded and frozen before this step
 
     def __post_init__(self):
         if self.lambda_rank < 0 or self.lambda_bits < 0: raise ValueError("lambda_rank and lambda_bits must be >= 0")

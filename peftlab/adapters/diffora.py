@@ -5,7 +5,7 @@
 # %% ../../nbs/adapters/17_diffora.ipynb #4375b6ed
 from __future__ import annotations
 import dataclasses, math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import inject, record_method, adapters, applied_method
@@ -20,8 +20,8 @@ __all__ = ['DiffoRAConfig', 'GatedLoraLinear', 'gated_layers', 'keep_modules', '
 # %% ../../nbs/adapters/17_diffora.ipynb #accc6e5e
 @dataclass
 class DiffoRAConfig(LoraConfig):
-    keep: float = 0.5          # share of the targeted modules that keep LoRA after discretisation
-    select_step: int = 10      # steps of the continuous search; discretised before this step
+    keep: float = field(default=0.5, metadata=dict(gt=0, le=1))  # share of the targeted modules that keep LoRA after discretisation
+    select_step: int = field(default=10, metadata=dict(ge=0))  # steps of the continuous search; discretised before this step
     gated: bool = True         # still searching (False once discretised: plain LoRA on `targets`)
 
     def __post_init__(self):

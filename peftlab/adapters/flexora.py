@@ -21,9 +21,9 @@ __all__ = ['FlexoraConfig', 'layer_of', 'layer_gates', 'apply_flexora', 'choose_
 # %% ../../nbs/adapters/18_flexora.ipynb #b738d92d
 @dataclass
 class FlexoraConfig(LoraConfig):
-    select_step: int = 10         # steps of the search; layers are chosen before this step, then LoRA restarts
-    gate_lr: float = 1e-2         # Adam learning rate of the layer hyper-parameters α_l
-    keep_layers: int|None = None  # keep this many layers (largest α_l); None: every layer with α_l > 0 (at least one)
+    select_step: int = field(default=10, metadata=dict(ge=0))  # steps of the search; layers are chosen before this step, then LoRA restarts
+    gate_lr: float = field(default=1e-2, metadata=dict(gt=0))  # Adam learning rate of the layer hyper-parameters α_l
+    keep_layers: int|None = field(default=None, metadata=dict(ge=1))  # keep this many layers (largest α_l); None: every layer with α_l > 0 (at least one)
     gated: bool = True            # still searching (False once layers are chosen: plain LoRA on `targets`)
     val_data: Any = field(default=None, repr=False)  # validation batches for α (None: the training batch, no held-out split)
 

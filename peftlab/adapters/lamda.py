@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/14_lamda.ipynb #258a2547
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method, adapters, dense_weight
@@ -18,9 +18,9 @@ __all__ = ['LaMDAConfig', 'LaMDALinear', 'LaMDAFreezer', 'apply_lamda']
 # %% ../../nbs/adapters/14_lamda.ipynb #97283727
 @dataclass
 class LaMDAConfig:
-    r: int = 8                         # size of the square core S
-    alpha: float = 16                  # scaling numerator (alpha / r)
-    freeze_b_steps: int = 100          # steps over which B (PMB) freezes, column by column
+    r: int = field(default=8, metadata=dict(ge=1))  # size of the square core S
+    alpha: float = field(default=16, metadata=dict(gt=0))  # scaling numerator (alpha / r)
+    freeze_b_steps: int = field(default=100, metadata=dict(ge=0))  # steps over which B (PMB) freezes, column by column
     targets: str|list = "all-linear"   # module names, suffixes, regexes or "all-linear"
 
 class LaMDALinear(LayerAdapter):

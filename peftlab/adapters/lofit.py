@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/19_lofit.ipynb #757fa7a6
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -19,8 +19,8 @@ __all__ = ['LoFiTConfig', 'LoFiTLinear', 'lofit_layers', 'head_importance', 'loc
 @dataclass
 class LoFiTConfig:
     k: int = 4                  # K: heads kept over the whole model
-    l1: float = 1e-3            # λ: L1 penalty on the scalings in stage 1
-    select_step: int = 10       # steps of stage 1; stage 2 (offsets) trains after it
+    l1: float = field(default=1e-3, metadata=dict(ge=0))  # λ: L1 penalty on the scalings in stage 1
+    select_step: int = field(default=10, metadata=dict(ge=0))  # steps of stage 1; stage 2 (offsets) trains after it
     targets: str|list = "o_proj"  # the attention output projections (their input is the heads' outputs)
 
 class LoFiTLinear(LayerAdapter):

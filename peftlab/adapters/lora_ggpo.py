@@ -4,7 +4,7 @@
 
 # %% ../../nbs/adapters/16_lora_ggpo.ipynb #d803527a
 from __future__ import annotations
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import adapters, record_method, applied_method
@@ -18,8 +18,8 @@ __all__ = ['LoraGGPOConfig', 'ggpo_noise', 'GGPOPerturbation', 'apply_lora_ggpo'
 # %% ../../nbs/adapters/16_lora_ggpo.ipynb #4bcef648
 @dataclass
 class LoraGGPOConfig(LoraConfig):
-    grad_coef: float = 0.1     # α_g: noise scale per unit of the row's last gradient norm
-    weight_coef: float = 0.05  # β_w: noise scale per unit of the row's weight norm
+    grad_coef: float = field(default=0.1, metadata=dict(ge=0))  # α_g: noise scale per unit of the row's last gradient norm
+    weight_coef: float = field(default=0.05, metadata=dict(ge=0))  # β_w: noise scale per unit of the row's weight norm
 
     def __post_init__(self):
         if self.grad_coef < 0 or self.weight_coef < 0:

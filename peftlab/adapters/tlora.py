@@ -5,7 +5,7 @@
 # %% ../../nbs/adapters/15_tlora.ipynb #52c25b46
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import WeightMapAdapter, inject, record_method
@@ -18,8 +18,8 @@ __all__ = ['TLoRAConfig', 'kron_factors', 'TLoRALinear', 'apply_tlora']
 # %% ../../nbs/adapters/15_tlora.ipynb #fd6fa2a6
 @dataclass
 class TLoRAConfig:
-    r: int = 8                         # rank of the residual B·A
-    alpha: float = 16                  # residual scaling numerator (alpha / r)
+    r: int = field(default=8, metadata=dict(ge=1))  # rank of the residual B·A
+    alpha: float = field(default=16, metadata=dict(gt=0))  # residual scaling numerator (alpha / r)
     targets: str|list = "all-linear"   # module names, suffixes, regexes or "all-linear"
 
 def kron_factors(n:int)->tuple[int,int]:

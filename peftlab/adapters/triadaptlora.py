@@ -5,7 +5,7 @@
 # %% ../../nbs/adapters/20_triadaptlora.ipynb #5afa4e76
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method, adapters, applied_method
@@ -20,12 +20,12 @@ __all__ = ['TriAdaptLoRAConfig', 'TriAdaptLinear', 'tri_layers', 'importance', '
 # %% ../../nbs/adapters/20_triadaptlora.ipynb #0675f8c0
 @dataclass
 class TriAdaptLoRAConfig:
-    r_init: int = 2                   # rank every layer starts with
-    r_max: int = 8                    # the largest rank a layer may grow to
-    alpha: float = 16                 # scaling numerator: the update is (alpha / r_max) · B (C ⊙ M) A
-    grow_every: int = 4               # steps between growth rounds
-    tau_start: float = 0.9            # growth threshold on the normalised importance at the start of training
-    tau_end: float = 0.1              # ... and at the end (linear in between)
+    r_init: int = field(default=2, metadata=dict(ge=1))  # rank every layer starts with
+    r_max: int = field(default=8, metadata=dict(ge=1))  # the largest rank a layer may grow to
+    alpha: float = field(default=16, metadata=dict(gt=0))  # scaling numerator: the update is (alpha / r_max) · B (C ⊙ M) A
+    grow_every: int = field(default=4, metadata=dict(ge=1))  # steps between growth rounds
+    tau_start: float = field(default=0.9, metadata=dict(ge=0, le=1))  # growth threshold on the normalised importance at the start of training
+    tau_end: float = field(default=0.1, metadata=dict(ge=0, le=1))  # ... and at the end (linear in between)
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear"
 
     def __post_init__(self):
