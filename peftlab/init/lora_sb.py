@@ -22,9 +22,9 @@ __all__ = ['LoraXSConfig', 'LoraSBConfig', 'svd_factors', 'first_update', 'first
 # %% ../../nbs/init/05_lora_sb.ipynb #f08a793b
 @dataclass
 class LoraXSConfig:
-    r: int = 8                          # rank: A is (r, in), R is (r, r), B is (out, r); r*r trainable per layer
-    alpha: float|None = None            # the update is (alpha / r) · B R A; None: alpha = r, a scale of 1
-    dropout: float = 0.0                # dropout on the adapter's input
+    r: int = field(default=8, metadata=dict(ge=1))  # rank: A is (r, in), R is (r, r), B is (out, r); r*r trainable per layer
+    alpha: float|None = field(default=None, metadata=dict(gt=0))  # the update is (alpha / r) · B R A; None: alpha = r, a scale of 1
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input
     init: str = "svd"                   # "svd" (LoRA-XS: from W) or "lora_sb" (from full FT's first update; needs init_data)
     targets: str|list = "all-linear"    # module names, suffixes, regexes or "all-linear"
     init_data: Any = field(default=None, repr=False)  # calibration batches with labels, for init="lora_sb"

@@ -5,7 +5,8 @@
 # %% ../../nbs/init/06_nlora.ipynb #1fa3a99c
 from __future__ import annotations
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 import torch
 from torch import nn
 from ..core.adapter import inject, record_method
@@ -20,11 +21,11 @@ __all__ = ['PAPER', 'SLoraConfig', 'IntTuneConfig', 'SLoraLinear', 'nystrom_inde
 # %% ../../nbs/init/06_nlora.ipynb #9740147c
 @dataclass
 class SLoraConfig:
-    r: int = 8                          # rank: A is (r, in), M is (r, r), B is (out, r)
-    alpha: float = 16                   # scaling numerator: the update is (alpha / r) · B M A
-    dropout: float = 0.0                # dropout on the adapter's input
+    r: int = field(default=8, metadata=dict(ge=1))  # rank: A is (r, in), M is (r, r), B is (out, r)
+    alpha: float = field(default=16, metadata=dict(gt=0))  # scaling numerator: the update is (alpha / r) · B M A
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input
     init: str = "kaiming"               # "kaiming" (SLoRA: A, M Kaiming, B = 0) or "nlora" (Nyström from W, residual base)
-    nystrom: str = "first"              # which rows/columns NLoRA samples: "first" r (authors' code) or "random"
+    nystrom: Literal["first", "random"] = "first"  # which rows/columns NLoRA samples: "first" r (authors' code) or "random"
     targets: str|list = "all-linear"    # module names, suffixes, regexes or "all-linear"
 
     @property

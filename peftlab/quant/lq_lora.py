@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 import torch
 from torch import nn
 from .nf4 import quantize_nf4, dequantize_nf4
@@ -61,16 +62,16 @@ def lq_decompose(w:torch.Tensor,          # (out, in) weight
 # %% ../../nbs/quant/05_lq_lora.ipynb #057856a4
 @dataclass
 class LQLoraConfig:
-    r: int = 8                        # rank of the low-rank part (and of LoRA)
-    alpha: float = 16                 # LoRA scaling numerator: the update is (alpha / r) · B A
-    dropout: float = 0.0              # dropout on the adapter's input
+    r: int = field(default=8, metadata=dict(ge=1))  # rank of the low-rank part (and of LoRA)
+    alpha: float = field(default=16, metadata=dict(gt=0))  # LoRA scaling numerator: the update is (alpha / r) · B A
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input
     rslora: bool = False              # scale by alpha / sqrt(r)
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear"
-    blocksize: int = 64               # NF4 blocksize of Q
+    blocksize: int = field(default=64, metadata=dict(ge=64))  # NF4 blocksize of Q
     double_quant: bool = False        # Q with double-quantised scales
-    iterations: int = 10              # alternations of SVD and quantisation
-    compute_dtype: str = "float32"    # dtype Q is dequantised to in the forward pass
-    backend: str = "torch"            # NF4 matmul: "torch", "bnb" or "triton"
+    iterations: int = field(default=10, metadata=dict(ge=1))  # alternations of SVD and quantisation
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype Q is dequantised to in the forward pass
+    backend: Literal["auto", "torch", "bnb", "triton"] = "torch"  # NF4 matmul: "torch", "bnb" or "triton"
 
 # %% ../../nbs/quant/05_lq_lora.ipynb #c87463fb
 def _decompose_targets(model:nn.Module, config:LQLoraConfig)->dict[str,LQDecomposition]:

@@ -5,7 +5,8 @@
 # %% ../../nbs/quant/03_qlora.ipynb #10d80f0a
 from __future__ import annotations
 import dataclasses, math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 import pandas as pd
 import torch
 from torch import nn
@@ -283,10 +284,10 @@ def memory_report(model:nn.Module)->pd.Series:
 # %% ../../nbs/quant/03_qlora.ipynb #26e36a27
 @dataclass
 class QLoraConfig(LoraConfig):
-    blocksize: int = 64             # weights per absmax of the NF4 base
+    blocksize: int = field(default=64, metadata=dict(ge=64))  # weights per absmax of the NF4 base
     double_quant: bool = False      # store the absmax constants in 8 bits
-    compute_dtype: str = "float32"  # dtype the base is dequantised to: "bfloat16" as in the paper on GPUs
-    backend: str = "auto"           # NF4 matmul: "auto" (triton on CUDA, else bitsandbytes, else torch), "torch", "bnb", "triton"
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # dtype the base is dequantised to: "bfloat16" as in the paper on GPUs
+    backend: Literal["auto", "torch", "bnb", "triton"] = "auto"  # NF4 matmul: "auto" (triton on CUDA, else bitsandbytes, else torch), "torch", "bnb", "triton"
 
 def _qlora_to_peft(config:QLoraConfig, model:nn.Module)->dict:
     "PEFT's LoRA adapter_config.json, plus the key that tells peftlab to rebuild the NF4 base."
