@@ -92,18 +92,23 @@ class MemoryLedger:
     gradients: int        # most gradient bytes alive at once
     optimizer_state: int  # the optimiser's state after the step
     activations: int      # bytes autograd saved for backward
-    peak: int             # most tensor bytes alive at once during the step (what was alive before included)
+    peak: int|None        # most tensor bytes alive at once during the step (what was alive before included); None: not profiled
     rss_growth: int|None  # growth of the process's resident size during the step (Linux), or None
     loss: float           # the step's loss
 
     def row(self, name:str|None=None)->dict:
         "The ledger in MiB, as a table row."
-        mib = {k: (None if v is None else v / 2**20) for k, v in asdict(self).items() if k != "loss"}
+        mib = {k: (None if v is None else v / 2**20) for k, v in (asdict(self) | dict(total=self.total)).items() if k != "loss"}
         return ({"method": name} if name else {}) | {f"{k}_mib": v for k, v in mib.items()} | {"loss": self.loss}
 
     def __repr__(self):
         parts = [f"{k}={human_bytes(v)}" for k, v in asdict(self).items() if k != "loss" and v is not None]
         return f"MemoryLedger({', '.join(parts)})"
+
+    @property
+    def total(self)->int:
+        "The measured terms added up: weights, the gradient peak, optimiser state, saved activations."
+        return self.weights + self.gradients + self.optimizer_state + self.activations
 
 # %% ../../nbs/optim/00_core.ipynb #ccf2fe26
 def _step(model:nn.Module, optimizer:torch.optim.Optimizer, batch:dict)->float:
@@ -126,6 +131,7 @@ def memory_ledger(model:nn.Module,                  # the model, with its traina
                   optimizer:torch.optim.Optimizer,  # over the model's trainable parameters
                   batch:dict,                       # one batch with `input_ids` and `labels`, on the model's device
                   callbacks:list[Callback]=(),      # training schemes (LISA, ...), whose step hooks run as in `fit`
+                  profile:bool=True,                # measure the peak with PyTorch's profiler (slow on large models: ~100x a step)
                  )->MemoryLedger:
     "Measure the weights, gradients, optimiser state, saved activations and peak memory of one training step."
     model.train()
@@ -138,5 +144,7 @@ def memory_ledger(model:nn.Module,                  # the model, with its traina
     saved = SavedTensorBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
     out = {}
     with GradientPeak(params) as grads, saved.counting(), peak_rss_growth() as rss:
-        peak, _ = profile_peak(lambda: out.setdefault("loss", _with_callbacks(state, callbacks, lambda: _step(model, optimizer, batch))))
-    return MemoryLedger(weights, grads.bytes, optimizer_state_bytes(optimizer), saved.bytes, held + peak, rss.bytes, out["loss"])
+        step = lambda: out.setdefault("loss", _with_callbacks(state, callbacks, lambda: _step(model, optimizer, batch)))
+        if profile: peak = held + profile_peak(step)[0]
+        else: step(); peak = None  # not measured
+    return MemoryLedger(weights, grads.bytes, optimizer_state_bytes(optimizer), saved.bytes, peak, rss.bytes, out["loss"])

@@ -36,12 +36,12 @@ def _tokens(batches:list[dict], steps:int)->int:
     "Input tokens (not padding) in the first `steps` batches of the cycled list."
     return sum(int(batches[i % len(batches)]["attention_mask"].sum()) for i in range(steps))
 
-def measure_run(spec:dict, make_model, train:list[dict], test:list[dict], steps:int, lr:float, seed:int=0)->tuple[dict,object]:
+def measure_run(spec:dict, make_model, train:list[dict], test:list[dict], steps:int, lr:float, seed:int=0, profile:bool=True)->tuple[dict,object]:
     "Train one run and measure it: the memory ledger of a step (on a fresh model), the losses and tokens/s; `(row, log)`."
     torch.manual_seed(seed)
     probe = prepare(spec, make_model())
     opt, schemes = optimizer_and_schemes(spec, probe, lr)
-    ledger = memory_ledger(probe, opt, train[0], schemes)
+    ledger = memory_ledger(probe, opt, train[0], schemes, profile=profile)
     del probe, opt, schemes
     model = prepare(spec, make_model())
     t0 = time.perf_counter()
@@ -59,7 +59,9 @@ def compare_memory(runs:dict,                   # label -> run spec (see above)
                    model:str="tiny-llama",      # a name for `load_model`
                    task:str="record_format",    # a task of `peftlab.core.data.TASKS`
                    steps:int=20, n_train:int=64, n_test:int=16, batch_size:int=8, lr:float=1e-3,
-                   seed:int=0, max_len:int=128, progress:bool=True)->Comparison:
+                   seed:int=0, max_len:int=128, progress:bool=True,
+                   profile:bool=True,           # the profiler's peak per run (it costs ~100 steps' time on SmolLM2)
+                  )->Comparison:
     "Train every run from the same model on the same batches and steps; the table of measured memory, losses and speed."
     from tqdm.auto import tqdm
     tok = load_tokenizer(model)
@@ -68,7 +70,7 @@ def compare_memory(runs:dict,                   # label -> run spec (see above)
     test = list(sft_loader(t.test, tok, batch_size=batch_size, shuffle=False, max_len=max_len))
     rows, logs = {}, {}
     for label, spec in tqdm(runs.items(), disable=not progress, desc="compare_memory"):
-        rows[label], logs[label] = measure_run(spec, lambda: load_model(model, seed=seed), train, test, steps, lr, seed)
+        rows[label], logs[label] = measure_run(spec, lambda: load_model(model, seed=seed), train, test, steps, lr, seed, profile)
     return Comparison(pd.DataFrame.from_dict(rows, orient="index"), logs)
 
 # %% ../../nbs/optim/99_family.ipynb #5bf10323
