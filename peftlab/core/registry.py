@@ -145,10 +145,13 @@ def _str(v):
 _SIMPLE = {int: lambda v: _number(int, v), float: lambda v: _number(float, v), bool: _bool, str: _str}
 
 # %% ../../nbs/core/03_registry.ipynb #3c8d9e0b
-def _sequence(v, args):
+def _sequence(kind:type, v, args):
     if isinstance(v, str): v = [s.strip() for s in v.split(",") if s.strip()]   # "a,b" from the command line
     if not isinstance(v, (list, tuple)): raise NoFit
-    return [convert(args[0], x) for x in v] if args else list(v)
+    if kind is tuple and args and args[-1] is not Ellipsis:                     # tuple[float, float]: one type per place
+        if len(args) != len(v): raise NoFit
+        return tuple(convert(a, x) for a, x in zip(args, v))
+    return kind(convert(args[0], x) for x in v) if args else kind(v)
 
 def _mapping(v, args):
     if not isinstance(v, dict): raise NoFit
@@ -181,7 +184,7 @@ def convert(tp, v):
         if v is None: return v
         raise NoFit
     kind = origin or tp
-    if kind in (list, tuple, set): return _sequence(v, args)
+    if kind in (list, tuple, set): return _sequence(kind, v, args)
     if kind is dict: return _mapping(v, args)
     if kind in _SIMPLE: return _SIMPLE[kind](v)
     if isinstance(kind, type) and not isinstance(v, kind): raise NoFit
@@ -193,7 +196,8 @@ def check_option(owner:str, f:dataclasses.Field, tp, value):
     where = f"option {f.name}={value!r} of {owner}"
     try: v = convert(tp, value)
     except NoFit:
-        near = did_you_mean(value, typing.get_args(tp)) if typing.get_origin(tp) is Literal and isinstance(value, str) else ""
+        choices = [a for a in typing.get_args(tp) if isinstance(a, str)] if typing.get_origin(tp) is Literal else []
+        near = did_you_mean(value, choices) if isinstance(value, str) else ""
         err = ValueError if near or typing.get_origin(tp) is Literal else TypeError
         raise err(f"{where} must be {describe(tp, f.metadata)}{near}") from None
     if isinstance(v, (int, float)) and not isinstance(v, bool) and not all(
