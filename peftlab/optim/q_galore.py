@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from fastcore.basics import patch
 from ..core.surgery import replace_module
+from . import galore
 from .core import register_optimizer, split_targets, target_weights
 from ..quant.adamw8bit import init_state, adamw_step_8bit, adamw_step_32bit
 
@@ -84,18 +85,18 @@ def projection_side(shape:tuple)->str:
     "'right' (P is r×n) for a tall or square weight, 'left' (P is m×r) for a wide one."
     return "right" if shape[0] >= shape[1] else "left"
 
+# GaLore's projector (peftlab.optim.galore), with one P and the SVD in float32 as the reference keeps it
 def svd_projection(G:torch.Tensor, rank:int, side:str)->torch.Tensor:
-    "The top-`rank` singular vectors of `G` on `side`: Vhᵀ rows (r, n) or U columns (m, r)."
-    U, S, Vh = torch.linalg.svd(G.float(), full_matrices=False)
-    return (Vh[:rank] if side == "right" else U[:, :rank]).contiguous()
+    "The top-`rank` singular vectors of `G` on `side`: Vhᵀ rows (r, n) or U columns (m, r), in float32."
+    return galore.subspace(G.float(), rank, side)["P"]
 
 def project(G:torch.Tensor, P:torch.Tensor, side:str)->torch.Tensor:
     "R = G Pᵀ (m, r) or Pᵀ G (r, n)."
-    return G @ P.T if side == "right" else P.T @ G
+    return galore.project(G, {"P": P}, side)
 
 def project_back(low:torch.Tensor, P:torch.Tensor, side:str, scale:float)->torch.Tensor:
     "`low` mapped back to (m, n), times `scale`."
-    return (low @ P if side == "right" else P @ low) * scale
+    return galore.project_back(low, {"P": P}, side, scale)
 
 def first_vector(P:torch.Tensor, side:str)->torch.Tensor:
     "The first singular vector in P (its first row, or first column)."
