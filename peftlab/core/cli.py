@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['MERGE_PROBE', 'USER_ERRORS', 'RUN_CONFIG', 'NOT_SETTINGS', 'parse_options', 'is_main_process', 'fit_flags',
-           'method_from_flags', 'finetune', 'list_methods', 'eval_adapter', 'merge_adapter', 'estimate', 'bench_family',
-           'parser', 'in_flag_terms', 'main', 'run', 'settings', 'read_config', 'check_config', 'parse_args',
-           'run_config', 'yaml_text', 'write_run_config']
+__all__ = ['MERGE_PROBE', 'FAMILIES', 'USER_ERRORS', 'RUN_CONFIG', 'NOT_SETTINGS', 'parse_options', 'is_main_process',
+           'fit_flags', 'method_from_flags', 'finetune', 'list_methods', 'eval_adapter', 'merge_adapter', 'estimate',
+           'bench_family', 'parser', 'in_flag_terms', 'main', 'run', 'settings', 'read_config', 'check_config',
+           'parse_args', 'run_config', 'yaml_text', 'write_run_config']
 
 # %% ../../nbs/core/08_cli.ipynb #926ed232
 def parse_options(pairs:list[str])->dict:
@@ -138,14 +138,26 @@ def estimate(args):
     return e
 
 # %% ../../nbs/core/08_cli.ipynb #682a5528
+def _lowrank(args):
+    from peftlab.core.compare import compare, lowrank_family
+    lr = args.lr or 2e-3
+    return compare(lowrank_family(args.steps, lr), model=args.model, task=args.task, steps=args.steps,
+                   n_train=args.n_train, n_test=args.n_test, lr=lr)
+
+def _optim(args):
+    from peftlab.optim.family import compare_memory, optim_family
+    lr = args.lr or 1e-4
+    return compare_memory(optim_family(args.steps, lr, args.rank), model=args.model, task=args.task, steps=args.steps,
+                          n_train=args.n_train, n_test=args.n_test, lr=lr, profile=not args.no_profile)
+
+FAMILIES = dict(lowrank=_lowrank, optim=_optim)  # family -> runner of its comparison
+
 def bench_family(args):
     "Compare a family of methods on one task and budget; print the table and write it as JSON."
-    from peftlab.core.compare import compare, lowrank_family
-    families = dict(lowrank=lowrank_family)
-    if args.family not in families: raise ValueError(f"unknown family {args.family!r}; known: {sorted(families)}")
-    res = compare(families[args.family](args.steps, args.lr), model=args.model, task=args.task, steps=args.steps,
-                  n_train=args.n_train, n_test=args.n_test, lr=args.lr)
+    if args.family not in FAMILIES: raise ValueError(f"--family: unknown family {args.family!r}; known: {sorted(FAMILIES)}")
+    res = FAMILIES[args.family](args)
     print(res.table.sort_values("eval_loss").to_string(float_format=lambda v: f"{v:.4g}"))
+    args.out = args.out or f"out/bench-{args.family}.json"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True); res.to_json(args.out)
     print(f"results written to {args.out}")
     return res
@@ -185,10 +197,14 @@ def parser()->argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on held-out examples")
     _data_args(ev, DEMO); ev.add_argument("--adapter", default=None)
     bf = sub.add_parser("bench", help="compare a family of methods on one task, budget and model")
-    bf.add_argument("--family", default="lowrank"); bf.add_argument("--model", default="tiny-llama")
+    bf.add_argument("--family", default="lowrank", help="lowrank (adapters and inits) or optim (memory-efficient optimisers and schemes)")
+    bf.add_argument("--model", default="tiny-llama")
     bf.add_argument("--task", default="record_format"); bf.add_argument("--steps", type=int, default=20)
     bf.add_argument("--n-train", type=int, default=64); bf.add_argument("--n-test", type=int, default=16)
-    bf.add_argument("--lr", type=float, default=2e-3); bf.add_argument("--out", default="out/bench-lowrank.json")
+    bf.add_argument("--lr", type=float, default=None, help="the family's base rate (default: lowrank 2e-3, optim 1e-4)")
+    bf.add_argument("--rank", type=int, default=16, help="optim: the projections' rank (GaLore, Q-GaLore, APOLLO)")
+    bf.add_argument("--no-profile", action="store_true", help="optim: skip the profiler's peak (slow on large models)")
+    bf.add_argument("--out", default=None, help="the results JSON (default: out/bench-<family>.json)")
     mg = sub.add_parser("merge", help="merge an adapter into its base model and save it")
     mg.add_argument("--model", default="smollm2-135m"); mg.add_argument("--adapter", required=True)
     mg.add_argument("--out", required=True)
