@@ -85,7 +85,13 @@ class ReinitLayers(Callback):
         if state.step > 0: return   # resumed: the checkpoint holds the trained weights
         with torch.no_grad():
             for layer in self.layers:
+                params = list(layer.parameters())
+                marks = [getattr(p, "_is_hf_initialized", None) for p in params]
+                for p in params: p._is_hf_initialized = False   # from_pretrained marks loaded weights; transformers' init skips those
                 for m in layer.modules(): state.model._init_weights(m)
+                for p, mark in zip(params, marks):
+                    if mark is None: del p._is_hf_initialized
+                    else: p._is_hf_initialized = mark
 
 @register_scheme("reinit-top", paper="Revisiting Few-sample BERT Fine-tuning", config=ReinitTopConfig)
 def reinit_top(model:nn.Module, config:ReinitTopConfig)->ReinitLayers:
