@@ -44,7 +44,7 @@ class UnknownName(KeyError):
 @dataclass
 class Method:
     name: str                   # the name `apply` and the command line use
-    category: str               # adapter, init, quant, optim, scheme, sparse, merge, objective, data, analysis
+    category: str               # adapter, init, quant, optim, scheme, prune, sparse, merge, objective, data, analysis
     paper: str                  # the paper's title
     config: type                # the config dataclass
     apply: Callable             # apply(model, config) -> model (for "optim" and "scheme": their own factory)
