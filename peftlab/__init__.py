@@ -17,6 +17,8 @@ from .core.named import (adapter_names, active_adapters, set_adapter, disabled_a
 from .core.data import get_task, sft_loader, load_examples
 from .core.train import fit, evaluate, make_optimizer, make_scheme
 from .optim.core import memory_ledger, MemoryLedger
+from .merge.task_vectors import task_vector, TaskVector
+from .merge.tensors import merge_tensors, merge_task_vectors
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready
 from .core.claims import ledger, ledger_markdown
