@@ -117,13 +117,20 @@ def _with_source(cls:type)->type:
              if n.startswith("peftlab.") and isinstance(getattr(m, cls.__name__, None), type)]
     return found[0] if found else cls
 
+def _hints(cls:type)->dict:
+    "The resolved annotations of `cls` (through peftlab's class of that name, or with typing's names, for a notebook's copy)."
+    src = _with_source(cls)
+    try: return typing.get_type_hints(src)
+    except NameError:  # a notebook's namespace may lack the names its annotations use (Literal, Any, ...)
+        return typing.get_type_hints(src, globalns={**vars(typing), **vars(sys.modules.get(src.__module__, typing))})
+
 @patch
 def _build_knobs(self:MethodExplorer, options:dict, choices:dict):
     "A knob per field a widget can hold; the others held at their value."
     cls = self.method.config
     unknown = set(options) - {f.name for f in dataclasses.fields(cls)}
     if unknown: raise TypeError(f"unknown option(s) {sorted(unknown)} for {cls.__name__}; valid: {[f.name for f in dataclasses.fields(cls)]}")
-    self.docs, hints = docments(_with_source(cls)), typing.get_type_hints(cls)
+    self.docs, hints = docments(_with_source(cls)), _hints(cls)
     for f in dataclasses.fields(cls):
         value = options.get(f.name, _field_value(f))
         knob = None if value is MISSING else field_knob(f.name, hints.get(f.name), value, self.docs.get(f.name), choices.get(f.name))
