@@ -10,6 +10,9 @@ __version__ = "0.1.0"
 from .core.models import load_model, load_tokenizer, tiny_llama
 from .core.surgery import find_targets, trainable_report
 from .core.registry import apply, methods, register, get_method
+# the merge package first: importing it binds `peftlab.merge` to the package, and the function below takes the name back
+from .merge.task_vectors import task_vector, TaskVector
+from .merge.tensors import merge_tensors, merge_task_vectors
 from .core.adapter import merge, unmerge, unload, adapters
 from .core.io import save_adapter, load_adapter, hotswap_adapter
 from .core.named import (adapter_names, active_adapters, set_adapter, disabled_adapters, delete_adapter,
@@ -17,8 +20,6 @@ from .core.named import (adapter_names, active_adapters, set_adapter, disabled_a
 from .core.data import get_task, sft_loader, load_examples
 from .core.train import fit, evaluate, make_optimizer, make_scheme
 from .optim.core import memory_ledger, MemoryLedger
-from .merge.task_vectors import task_vector, TaskVector
-from .merge.tensors import merge_tensors, merge_task_vectors
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready
 from .core.claims import ledger, ledger_markdown
