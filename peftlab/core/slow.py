@@ -30,15 +30,17 @@ def run_slow(work:Callable,                 # the long work: called with no argu
              results:str|Path|None=None,    # otherwise: a results file the work wrote, read back and returned
              read:Callable=_read_json,      # reads `results` (default: its JSON)
              cost:str|None=None,            # what the long work takes, e.g. "~55 min on 2 CPU cores"
+            show:Callable|None=None,       # turns the work's or the file's results into what the cell displays
             ):
     "Run `work()` when `PEFTLAB_SLOW=1`; otherwise show the recorded results instead."
     if not callable(work): raise TypeError(f"run_slow needs the long work as a function of no arguments, not {type(work).__name__}: "
                                            "put the cell's work in `def long_run(): ...` and pass `long_run`")
-    if slow_enabled(): return work()
+    view = show or (lambda res: res)
+    if slow_enabled(): return view(work())
     path = None if results is None else Path(results)
     if path is not None and not path.exists():
         raise FileNotFoundError(f"no recorded results at {path.resolve()}: run this cell with {SLOW_ENV}=1 to make them")
     print(f"Recorded results (set {SLOW_ENV}=1 to run this cell{', ' + cost if cost else ''}):")
     if recorded: print(recorded.strip())
-    if path is not None: return read(path)
+    if path is not None: return view(read(path))
     if not recorded: print("nothing was recorded for this cell.")
