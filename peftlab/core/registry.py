@@ -245,7 +245,8 @@ def build_config(config_cls:type, **kwargs):
 # %% ../../nbs/core/03_registry.ipynb #1e6f7a8d
 NOT_APPLIED = dict(  # category -> where its methods go instead of `apply` ({n}: the method's name)
     optim="an optimiser: pass it to fit(optimizer={n!r}) or make_optimizer(model, {n!r})",
-    scheme="a training scheme: pass it to fit(callbacks=[{n!r}]) or make_scheme(model, {n!r})")
+    scheme="a training scheme: pass it to fit(callbacks=[{n!r}]) or make_scheme(model, {n!r})",
+    merge="a merge rule: pass it to merge_tensors(tensors, weights, {n!r}) or merge_models(base, models, method={n!r})")
 
 def check_applicable(m:Method):
     "Raise unless `apply` can put method `m` on a model."
