@@ -5,12 +5,16 @@
 # %% ../../nbs/quant/02a_adamw8bit.ipynb #520bdff5
 from __future__ import annotations
 import math
+from dataclasses import dataclass, field
 import torch
+from torch import nn
 from .blockwise8 import quantize_blockwise, dequantize_blockwise, dynamic_map, check_blocksize, n_blocks
+from ..optim.core import register_optimizer
+from ..core.train import param_groups, trainable_parameters
 
 # %% auto #0
 __all__ = ['SIGNED_CODE', 'UNSIGNED_CODE', 'init_state', 'update_moments', 'adamw_step_8bit', 'adamw_step_32bit', 'AdamW8bit',
-           'state_bytes']
+           'state_bytes', 'AdamW8bitConfig', 'make_adamw8bit']
 
 # %% ../../nbs/quant/02a_adamw8bit.ipynb #b5c6aa7a
 SIGNED_CODE, UNSIGNED_CODE = dynamic_map(signed=True), dynamic_map(signed=False)
@@ -110,3 +114,19 @@ def state_bytes(optimizer:torch.optim.Optimizer)->int:
         for v in state.values():
             if torch.is_tensor(v): seen[(v.data_ptr(), v.nbytes)] = v.nbytes
     return sum(seen.values())
+
+# %% ../../nbs/quant/02a_adamw8bit.ipynb #132a75d3
+@dataclass
+class AdamW8bitConfig:
+    beta1: float = field(default=0.9, metadata=dict(ge=0, lt=1))     # decay rate of m
+    beta2: float = field(default=0.999, metadata=dict(ge=0, lt=1))   # decay rate of v
+    eps: float = field(default=1e-8, metadata=dict(ge=0))            # added to √v
+    blocksize: int = field(default=256, metadata=dict(gt=0))         # values per absmax scale (bitsandbytes uses 256)
+    min_8bit_size: int = field(default=4096, metadata=dict(ge=0))    # tensors with fewer elements keep float32 states
+
+@register_optimizer("adamw8bit", config=AdamW8bitConfig, paper="8-bit Optimizers via Block-wise Quantization")
+def make_adamw8bit(model:nn.Module, config:AdamW8bitConfig, lr:float, weight_decay:float=0.0)->AdamW8bit:
+    "AdamW8bit over `model`'s trainable parameters, in `fit`'s parameter groups."
+    return AdamW8bit(param_groups(model, [p for _, p in trainable_parameters(model)], weight_decay), lr=lr,
+                     betas=(config.beta1, config.beta2), eps=config.eps, weight_decay=weight_decay,
+                     blocksize=config.blocksize, min_8bit_size=config.min_8bit_size)

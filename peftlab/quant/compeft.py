@@ -5,17 +5,19 @@
 # %% ../../nbs/quant/04_compeft.ipynb #3f702d0e
 from __future__ import annotations
 import json, math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from ..core.io import atomic_write
+from ..core.registry import register
 
 # %% auto #0
 __all__ = ['SCALES', 'COMPRESSED_NAME', 'pack_bits', 'unpack_bits', 'CompressedTensor', 'check_args', 'compress_tensor',
            'decompress_tensor', 'Compressed', 'compress', 'decompress', 'state_nbytes', 'size_ratio', 'save_compressed',
-           'load_compressed']
+           'load_compressed', 'ComPEFTConfig', 'compress_with']
 
 # %% ../../nbs/quant/04_compeft.ipynb #d99a9b67
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
@@ -134,3 +136,16 @@ def load_compressed(directory:str|Path)->Compressed:
     cts = {k: CompressedTensor(tuple(v["shape"]), getattr(torch, v["dtype"]), t[f"{k}.mask"], t[f"{k}.signs"], t[f"{k}.scale"][0])
            for k, v in json.loads(meta["tensors"]).items()}
     return Compressed(cts, float(meta["density"]), float(meta["alpha"]), meta["scale"])
+
+# %% ../../nbs/quant/04_compeft.ipynb #bdedbd63
+@dataclass
+class ComPEFTConfig:
+    density: float = field(default=0.1, metadata=dict(gt=0, le=1))  # fraction of each tensor's entries kept
+    alpha: float = field(default=1.0, metadata=dict(gt=0))           # multiplies each tensor's scale
+    scale: Literal["std", "mean"] = "std"                            # "std" (the paper) or "mean" (least squares)
+
+@register("compeft", category="compression", config=ComPEFTConfig,
+          paper="ComPEFT: Compression for Communicating Parameter Efficient Updates via Sparsification and Quantization")
+def compress_with(state_dict:dict[str, torch.Tensor], config:ComPEFTConfig)->Compressed:
+    "ComPEFT of `state_dict` with a checked config (see `compress`)."
+    return compress(state_dict, config.density, config.alpha, config.scale)
