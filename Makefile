@@ -24,7 +24,8 @@ demo: $(STAMP)
 # one thread per notebook worker: two workers on two cores, not four threads fighting over them
 test: $(STAMP) check-export check-readme
 	OMP_NUM_THREADS=1 $(BIN)/nbdev_test --n_workers 2
-	$(BIN)/pytest -q tests
+	# two workers, one thread each; a test file stays on one worker (its fixtures and files are its own)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadfile tests
 
 export: $(STAMP)
 	$(BIN)/nbdev_export

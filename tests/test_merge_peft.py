@@ -3,7 +3,7 @@
 Each row merges the same task tensors with the same weights by both; DARE rows seed torch's global generator
 identically before each call, so both draw the same Bernoulli masks. PEFT's numbers must come out to 1e-6 (in
 practice bit for bit: the same operations in the same order). The mergekit variant is checked on the properties
-the anchor (shared/anchors/merging.md, mergekit @a6e4028) pins down; mergekit itself is not installed.
+the anchor (shared/anchors/merging.md, mergekit @a6e4028) pins down; tests/test_merge_mergekit.py checks it against mergekit 0.1.5 itself.
 """
 import itertools
 import pytest

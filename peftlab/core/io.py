@@ -124,7 +124,7 @@ def method_for(cfg:dict):
     for m in METHODS.values():
         if m.peft == cfg["peft_type"] and m.from_peft and (kw := m.from_peft(cfg)) is not None: return m, kw
     raise ValueError(f"PEFT adapter type {cfg['peft_type']!r} is not supported; peftlab supports: "
-                     f"{sorted({m.peft for m in METHODS.values() if m.peft})}")
+                     f"{sorted({m.peft for m in METHODS.values() if m.peft and m.from_peft})}")
 
 # %% ../../nbs/core/07_io.ipynb #ad663ecc
 def _for_loading(config):
