@@ -247,7 +247,8 @@ NOT_APPLIED = dict(  # category -> where its methods go instead of `apply` ({n}:
     optim="an optimiser: pass it to fit(optimizer={n!r}) or make_optimizer(model, {n!r})",
     scheme="a training scheme: pass it to fit(callbacks=[{n!r}]) or make_scheme(model, {n!r})",
     compression="a compression of trained updates: pass a state dict of task vectors to compress(state_dict, ...) (peftlab.quant.compeft)",
-    merge="a merge rule: pass it to merge_tensors(tensors, weights, {n!r}) or merge_models(base, models, method={n!r})")
+    merge="a merge rule: pass it to merge_tensors(tensors, weights, {n!r}) or merge_models(base, models, method={n!r}) "
+          "(a merge method that is not a rule is a function of peftlab.merge: see its notebook)")
 
 def check_applicable(m:Method):
     "Raise unless `apply` can put method `m` on a model."
