@@ -9,10 +9,11 @@ from pathlib import Path
 import torch
 
 # %% auto #0
-__all__ = ['MERGE_PROBE', 'FAMILIES', 'USER_ERRORS', 'RUN_CONFIG', 'NOT_SETTINGS', 'parse_options', 'is_main_process',
-           'fit_flags', 'method_from_flags', 'finetune', 'list_methods', 'eval_adapter', 'merge_adapter', 'estimate',
-           'bench_family', 'parser', 'in_flag_terms', 'main', 'run', 'settings', 'read_config', 'check_config',
-           'parse_args', 'run_config', 'yaml_text', 'write_run_config']
+__all__ = ['MERGE_PROBE', 'MERGE_FLAGS', 'FAMILIES', 'USER_ERRORS', 'RUN_CONFIG', 'NOT_SETTINGS', 'parse_options',
+           'is_main_process', 'fit_flags', 'method_from_flags', 'finetune', 'list_methods', 'eval_adapter',
+           'merge_adapter', 'merge_config_from_flags', 'merge_command', 'estimate', 'bench_family', 'parser',
+           'in_flag_terms', 'main', 'run', 'settings', 'read_config', 'check_config', 'parse_args', 'run_config',
+           'yaml_text', 'write_run_config']
 
 # %% ../../nbs/core/08_cli.ipynb #926ed232
 def parse_options(pairs:list[str])->dict:
@@ -128,6 +129,47 @@ def merge_adapter(args)->Path:
               f"max {err['logits_max_abs']:.3g} (mean {err['logits_mean_abs']:.3g})")
     return out
 
+def _merge_weights(text:str|None, n:int)->list[float]|None:
+    "`--weights 0.5,0.5` as floats, one per adapter."
+    from peftlab.merge.config import MergeConfigError
+    if text is None: return None
+    try: w = [float(x) for x in text.split(",")]
+    except ValueError: raise MergeConfigError(f"--weights {text!r} must be numbers separated by commas, e.g. --weights 0.5,0.5") from None
+    if len(w) != n: raise MergeConfigError(f"--weights has {len(w)} values for {n} adapters: give one weight per --adapter")
+    return w
+
+def merge_config_from_flags(args, adapters:list[str]):
+    "The `MergeConfig` that `peftlab merge --method ...` describes."
+    from peftlab.merge.config import MergeConfig, ModelSpec
+    weights = _merge_weights(args.weights, len(adapters))
+    flags = dict(density=args.density, majority_sign_method=args.majority_sign_method, variant=args.variant)
+    flags["lambda"] = args.scale
+    params = {**parse_options(args.options), **{k: v for k, v in flags.items() if v is not None}}
+    models = [ModelSpec(a, {} if weights is None else {"weight": w}) for a, w in zip(adapters, weights or adapters)]
+    return MergeConfig(args.method, args.model, models, params, args.dtype, args.seed)
+
+MERGE_FLAGS = ("method", "weights", "density", "scale", "majority_sign_method", "variant", "options", "dtype")  # only with --method
+
+def merge_command(args):
+    "`peftlab merge`: one adapter folded into its base (as `merge_adapter`), or several merged by a rule (flags or --config)."
+    from peftlab.merge.config import MergeConfig, MergeConfigError, run_merge
+    adapters = [*(args.adapter or []), *args.adapters]
+    if args.config:
+        if adapters or args.method: raise MergeConfigError("--config names the models and the method: drop --adapter and --method, or drop --config")
+        config = MergeConfig.from_yaml(args.config)
+    elif args.method is None:
+        if given := [f for f in MERGE_FLAGS if getattr(args, f) is not None]:
+            raise MergeConfigError(f"--{given[0].replace('_', '-')} is an option of a merge by rule: add --method (e.g. --method ties)")
+        if len(adapters) != 1:
+            raise MergeConfigError(f"peftlab merge without --method folds one adapter into its base, got {len(adapters)}: "
+                                   "pass one --adapter, or --method (e.g. ties) to merge several")
+        args.adapter, args.model = adapters[0], args.model or "smollm2-135m"
+        return merge_adapter(args)
+    else: config = merge_config_from_flags(args, adapters)
+    out = run_merge(config, args.out)
+    print(f"merged {len(config.merging())} models by {config.method()} onto {config.base()}; saved to {out}")
+    return out
+
 def estimate(args):
     "Print the memory one training step needs, by part."
     from peftlab.core.estimate import estimate_memory
@@ -150,7 +192,12 @@ def _optim(args):
     return compare_memory(optim_family(args.steps, lr, args.rank), model=args.model, task=args.task, steps=args.steps,
                           n_train=args.n_train, n_test=args.n_test, lr=lr, profile=not args.no_profile)
 
-FAMILIES = dict(lowrank=_lowrank, optim=_optim)  # family -> runner of its comparison
+def _merge(args):
+    from peftlab.merge.family import merge_family, MERGE_TASKS
+    tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else MERGE_TASKS
+    return merge_family(tasks, model=args.model, steps=args.steps, n_train=args.n_train, n_test=args.n_test, lr=args.lr)
+
+FAMILIES = dict(lowrank=_lowrank, optim=_optim, merge=_merge)  # family -> runner of its comparison
 
 def bench_family(args):
     "Compare a family of methods on one task and budget; print the table and write it as JSON."
@@ -197,17 +244,31 @@ def parser()->argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on held-out examples")
     _data_args(ev, DEMO); ev.add_argument("--adapter", default=None)
     bf = sub.add_parser("bench", help="compare a family of methods on one task, budget and model")
-    bf.add_argument("--family", default="lowrank", help="lowrank (adapters and inits) or optim (memory-efficient optimisers and schemes)")
+    bf.add_argument("--family", default="lowrank", help="lowrank (adapters and inits), optim (memory-efficient optimisers and schemes) or merge (merge rules)")
     bf.add_argument("--model", default="tiny-llama")
     bf.add_argument("--task", default="record_format"); bf.add_argument("--steps", type=int, default=20)
     bf.add_argument("--n-train", type=int, default=64); bf.add_argument("--n-test", type=int, default=16)
-    bf.add_argument("--lr", type=float, default=None, help="the family's base rate (default: lowrank 2e-3, optim 1e-4)")
+    bf.add_argument("--lr", type=float, default=None, help="the family's base rate (default: lowrank 2e-3, optim 1e-4, merge 3e-3 on tiny-llama)")
     bf.add_argument("--rank", type=int, default=16, help="optim: the projections' rank (GaLore, Q-GaLore, APOLLO)")
     bf.add_argument("--no-profile", action="store_true", help="optim: skip the profiler's peak (slow on large models)")
-    bf.add_argument("--out", default=None, help="the results JSON (default: out/bench-<family>.json)")
-    mg = sub.add_parser("merge", help="merge an adapter into its base model and save it")
-    mg.add_argument("--model", default="smollm2-135m"); mg.add_argument("--adapter", required=True)
+    bf.add_argument("--tasks", default=None, help="merge: the tasks, one specialist each, comma-separated (default: record_format,iso_date,fictional_facts)")
+    bf.add_argument("--out", "--json", dest="out", default=None, help="the results JSON (default: out/bench-<family>.json)")
+    mg = sub.add_parser("merge", help="fold an adapter into its base, or merge several by a rule (ties, dare_ties, ...)")
+    mg.add_argument("adapters", nargs="*", default=[], help="adapter (or model) directories, as --adapter")
+    mg.add_argument("--model", "--base", dest="model", default=None,
+                    help="the base model (default: smollm2-135m for one adapter; the adapters' recorded base with --method)")
+    mg.add_argument("--adapter", action="append", default=None, help="an adapter or model directory; repeat to merge several")
     mg.add_argument("--out", required=True)
+    mg.add_argument("--method", default=None, help="merge by this rule of merge.tensors: task_arithmetic, ties, dare_ties, ...")
+    mg.add_argument("--weights", default=None, help="one weight per adapter, comma-separated (default: 1 each)")
+    mg.add_argument("--density", type=float, default=None, help="the fraction of each task vector kept (ties, dare_*, ...)")
+    mg.add_argument("--lambda", dest="scale", type=float, default=None, help="λ, the scale of the merged update (default 1)")
+    mg.add_argument("--majority-sign", dest="majority_sign_method", default=None, choices=("total", "frequency"))
+    mg.add_argument("--variant", default=None, choices=("peft", "mergekit"), help="whose numbers (default: PEFT's where PEFT has the rule)")
+    mg.add_argument("--seed", type=int, default=0, help="seeds DARE's random masks")
+    mg.add_argument("--set", dest="options", action="append", default=None, metavar="KEY=VALUE", help="another option of the rule, repeatable")
+    mg.add_argument("--dtype", default=None, help="the saved model's dtype: float32, float16 or bfloat16")
+    mg.add_argument("--config", default=None, help="a mergekit-style YAML file (merge_method, base_model, models, parameters)")
     es = sub.add_parser("estimate", help="estimate the memory a training step needs")
     es.add_argument("--model", default="smollm2-135m"); es.add_argument("--method", default="lora")
     es.add_argument("--set", dest="options", action="append", default=None, metavar="KEY=VALUE", help="a method option, repeatable")
@@ -234,7 +295,8 @@ def main(argv:list[str]|None=None):
     try: res = run(argv)
     except USER_ERRORS as e:
         msg = in_flag_terms(str(e), argv)
-        if shell: sys.exit(f"peftlab: error: {msg}")
+        if shell:  # a usage error (a merge's flags or config) exits 2, as argparse's own; others 1
+            print(f"peftlab: error: {msg}", file=sys.stderr); sys.exit(getattr(e, "exit_code", 1))
         if msg == str(e): raise
         raise type(e)(msg) from None
     return None if shell else res  # the result is for Python callers; a shell gets exit status 0
@@ -247,7 +309,7 @@ def run(argv:list[str]):
         return finetune(args)
     if args.command == "methods": return list_methods(args)
     if args.command == "eval": return eval_adapter(args)
-    if args.command == "merge": return merge_adapter(args)
+    if args.command == "merge": return merge_command(args)
     if args.command == "bench": return bench_family(args)
     if args.command == "estimate": return estimate(args)
 
