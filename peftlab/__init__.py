@@ -10,10 +10,10 @@ __version__ = "0.1.0"
 from .core.models import load_model, load_tokenizer, tiny_llama
 from .core.surgery import find_targets, trainable_report
 from .core.registry import apply, methods, register, get_method
-# the merge package first: importing it binds `peftlab.merge` to the package, and the function below takes the name back
 from .merge.task_vectors import task_vector, TaskVector
 from .merge.tensors import merge_tensors, merge_task_vectors
-from .core.adapter import merge, unmerge, unload, adapters
+from .core.adapter import unmerge, unload
+from .core.adapter import merge as _merge_function, adapters as _adapters_function
 from .core.io import save_adapter, load_adapter, hotswap_adapter
 from .core.named import (adapter_names, active_adapters, set_adapter, disabled_adapters, delete_adapter,
                                 mixed_batch, adapter_parameters, adapter_param_groups)
@@ -23,3 +23,20 @@ from .optim.core import memory_ledger, MemoryLedger
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready
 from .core.claims import ledger, ledger_markdown
+
+# %% ../nbs/core/10_api.ipynb #cb0b8990
+import types as _types
+
+class _CallablePackage(_types.ModuleType):
+    "A package that can be called: calling it calls the function it was given (see `_callable`)."
+    def __call__(self, *args, **kwargs): return self._function(*args, **kwargs)
+
+def _callable(package:_types.ModuleType, function)->_types.ModuleType:
+    "Make `package` callable as `function`, keeping its submodules importable; returns it."
+    package.__class__, package._function = _CallablePackage, function
+    return package
+
+import importlib as _importlib
+# importing a package binds it as `peftlab.<name>`; the packages then take the functions' calls
+_callable(_importlib.import_module("peftlab.merge"), _merge_function)
+_callable(_importlib.import_module("peftlab.adapters"), _adapters_function)
