@@ -1,0 +1,185 @@
+"Whole-model merging (peftlab.merge.models) and soups, WiSE-FT, BANG, LiNeS (peftlab.merge.soups): identities by construction, the greedy-soup rule, LiNeS's scales, errors."
+import copy
+import pytest
+import torch
+from torch import nn
+from peftlab.core.models import tiny_llama
+from peftlab.core.testing import assert_close
+from peftlab.core.adapter import adapters, merge as merge_adapters
+from peftlab.core.registry import apply, methods
+from peftlab.merge.task_vectors import task_vector, model_weights
+from peftlab.merge.tensors import merge_task_vectors
+from peftlab.merge.models import merge_models, dense_weights
+from peftlab.merge.soups import (uniform_soup, greedy_soup, wise_ft, bang, lines, lines_scales, lines_alpha, layer_of,
+                                 label_smoothing_objective)
+
+def small(seed=0, **kw): return tiny_llama(seed=seed, vocab_size=500, **kw)
+
+@pytest.fixture(scope="module")
+def models():
+    return small(0), [small(s) for s in (1, 2, 3)]
+
+def weights_of(m): return {k: v.clone() for k, v in model_weights(m).items()}
+
+def assert_same(a, b, exact=False):
+    wa, wb = model_weights(a) if isinstance(a, nn.Module) else a, model_weights(b) if isinstance(b, nn.Module) else b
+    assert list(wa) == list(wb)
+    for k in wa: (torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0) if exact else assert_close(wa[k], wb[k]))
+
+@pytest.mark.parametrize("method,weights,options", [
+    ("task_arithmetic", None, {}), ("task_arithmetic", [0.5, 1.0, -0.25], dict(scale=0.7)),
+    ("ties", [1.0, 0.5, 0.5], dict(density=0.3)), ("magnitude_prune", None, dict(density=0.5)),
+    ("dare_linear", [1.0, 1.0, 1.0], dict(density=0.5)), ("dare_ties", None, dict(density=0.4, majority_sign_method="frequency")),
+    ("breadcrumbs", None, dict(density=0.5, gamma=0.05)), ("ties", None, dict(density=0.3, variant="mergekit")),
+])
+def test_merge_models_is_merge_task_vectors_by_hand(models, method, weights, options):
+    base, ft = models
+    torch.manual_seed(0); got = merge_models(base, ft, method, weights=weights, **options)
+    torch.manual_seed(0); tv = merge_task_vectors([task_vector(base, f) for f in ft], weights, method, **options)
+    assert_same(got, tv.apply_to(copy.deepcopy(base)), exact=True)    # the same operations, the same DARE draws
+
+def test_base_and_models_untouched(models):
+    base, ft = models
+    before = [weights_of(m) for m in (base, *ft)]
+    for f in (lambda: merge_models(base, ft, "ties", density=0.5), lambda: uniform_soup(ft), lambda: wise_ft(base, ft[0], 0.3),
+              lambda: lines(base, ft[0], alpha=0.2), lambda: lines(base, ft, beta=0.5), lambda: greedy_soup(ft, lambda m: 0.0)):
+        out = f()
+        assert out is not base and all(out is not m for m in ft)
+    for m, w in zip((base, *ft), before): assert_same(m, w, exact=True)
+
+def test_uniform_soup_is_task_arithmetic_with_weights_one_over_n(models):
+    base, ft = models
+    soup = uniform_soup(ft)
+    assert_same(soup, merge_models(base, ft, "task_arithmetic", weights=[1 / 3] * 3))
+    assert_same(soup, merge_models(base, ft, "task_arithmetic", scale=1 / 3))   # λ = 1/n with weights 1
+    assert_same(soup, merge_models(ft[0], ft, "task_arithmetic", weights=[1 / 3] * 3))   # any base
+    assert_same(soup, {k: sum(model_weights(f)[k] for f in ft) / 3 for k in model_weights(base)})
+
+def test_wise_ft_and_bang_interpolate(models):
+    base, ft = models
+    for a in (0.0, 0.25, 1.0):
+        expect = {k: (1 - a) * v + a * model_weights(ft[0])[k] for k, v in model_weights(base).items()}
+        assert_same(wise_ft(base, ft[0], a), expect)
+        assert_same(bang(base, ft[0], a), expect)
+    assert_same(wise_ft(base, ft[0], 0.4), merge_models(base, [ft[0]], weights=[0.4]))
+
+def test_adapter_models_merge_through_delta_weight(models):
+    base, ft = models
+    lora = apply(copy.deepcopy(base), "lora", r=4, targets=["q_proj", "down_proj"])
+    with torch.no_grad():
+        for a in adapters(lora).values(): a.lora_B.weight.normal_(0, 0.05)
+    folded = merge_adapters(copy.deepcopy(lora), unload_adapters=True)
+    assert_same(dense_weights(lora), model_weights(folded))
+    assert_same(merge_models(base, [lora, ft[1]], "ties", density=0.5), merge_models(base, [folded, ft[1]], "ties", density=0.5))
+    assert_same(wise_ft(base, lora, 0.5), wise_ft(base, folded, 0.5))
+    assert adapters(merge_models(base, [lora])) == {}
+
+class Const(nn.Module):
+    "A model whose one weight vector is filled with `c`."
+    def __init__(self, c): super().__init__(); self.w = nn.Parameter(torch.full((4,), float(c)))
+
+def mean_of(m): return m.w.mean().item()
+
+# (candidate values, target mean, chosen ingredients in the order added, candidates in the order tried)
+GREEDY = [
+    ([0.0, 1.0, 2.5, 3.5], 2.0, [2, 1], [2, 1, 3, 0]),      # 2.5; +1.0 -> 1.75 kept; +3.5 -> 2.33 dropped; +0 -> 1.17 dropped
+    ([5.0, 1.0, 3.0], 2.0, [1, 2], [1, 2, 0]),              # 1.0 (ties with 3.0 keep the given order); +3.0 -> 2.0 kept; +5 -> 3 dropped
+    ([2.0, 2.0, 2.0], 2.0, [0], [0, 1, 2]),                 # equal is not better: nothing is added
+    ([4.0, 0.0], 2.0, [0, 1], [0, 1]),                      # a tie on the candidates' own scores: the given order; the mean hits 2
+]
+
+@pytest.mark.parametrize("values,target,chosen,tried", GREEDY)
+def test_greedy_soup_order_and_strict_improvement(values, target, chosen, tried):
+    calls = []
+    def score(m): calls.append(mean_of(m)); return -abs(mean_of(m) - target)
+    g = greedy_soup([Const(v) for v in values], score)
+    assert g.ingredients == chosen
+    assert [h["candidate"] for h in g.history] == tried
+    assert len(calls) == 2 * len(values) - 1                 # each candidate alone once, then each soup trial once
+    assert abs(mean_of(g.model) - sum(values[i] for i in chosen) / len(chosen)) < 1e-6
+    best_alone = max(-abs(v - target) for v in values)
+    assert -abs(mean_of(g.model) - target) >= best_alone     # never worse than the best ingredient on the held-out score
+    loss = greedy_soup([Const(v) for v in values], lambda m: abs(mean_of(m) - target), higher_is_better=False)
+    assert loss.ingredients == chosen
+
+def test_greedy_soup_running_mean():
+    "The third ingredient enters with weight 1/3, as model-soups' running mean."
+    score = lambda m: {1.5: 4.0, 3.0: 5.0}.get(round(mean_of(m), 6), 0.0)   # only the right running means score: 1.5, then 3
+    g = greedy_soup([Const(3.0), Const(0.0), Const(6.0)], score, scores=[3.0, 2.0, 1.0])
+    assert g.ingredients == [0, 1, 2] and abs(mean_of(g.model) - 3.0) < 1e-6
+
+def test_lines_scales_equal_the_formula_per_layer(models):
+    base, ft = models
+    L = base.config.num_hidden_layers
+    for alpha, beta in [(0.0, 1.0), (0.3, 0.5), (1.0, 0.0)]:
+        out, tv = lines(base, ft[0], alpha=alpha, beta=beta), task_vector(base, ft[0])
+        for k, v in model_weights(out).items():
+            i = layer_of(k)
+            lam = alpha if i is None else alpha + beta * i / (L - 1)     # ℓ = i + 1: α + β (ℓ-1)/(L-1)
+            assert_close(v, model_weights(base)[k] + lam * tv[k])
+    keys = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(12)] + ["model.embed_tokens.weight", "lm_head.weight"]
+    sc = lines_scales(keys, 0.1, 0.9, 12)
+    assert [round(sc[k], 10) for k in keys[:12]] == [round(0.1 + 0.9 * i / 11, 10) for i in range(12)]
+    assert sc["model.embed_tokens.weight"] == sc["lm_head.weight"] == 0.1
+    assert lines(base, ft[0], alpha=0.25) is not None            # beta defaults to 1 - alpha
+    assert_same(lines(base, ft[0], alpha=0.25), lines(base, ft[0], alpha=0.25, beta=0.75))
+
+def test_lines_multi_task_alpha(models):
+    base, ft = models
+    tvs = [task_vector(base, f) for f in ft]
+    assert abs(lines_alpha(tvs, merge_task_vectors(tvs, None, "task_arithmetic")) - 1 / 3) < 1e-9
+    ties = merge_task_vectors(tvs, None, "ties", density=0.3)
+    summed = sum(sum(tv[k] for tv in tvs).abs().sum().item() for k in ties.keys())
+    alpha = summed / sum(v.abs().sum().item() for v in ties.deltas.values()) / 3
+    assert abs(lines_alpha(tvs, ties) - alpha) < 1e-6 * alpha
+    out, L = lines(base, ft, beta=0.6, method="ties", density=0.3), base.config.num_hidden_layers
+    for k, v in model_weights(out).items():
+        i = layer_of(k); lam = alpha if i is None else alpha + 0.6 * i / (L - 1)
+        assert_close(v, model_weights(base)[k] + lam * ties[k], rtol=1e-4, atol=1e-6)
+
+def test_label_smoothing_objective_zero_is_the_model_loss():
+    m = small(0)
+    batch = dict(input_ids=torch.randint(0, 500, (3, 7))); batch["labels"] = batch["input_ids"].clone(); batch["labels"][0, :4] = -100
+    s, n = label_smoothing_objective(0.0)(m(**batch).logits, batch["labels"], batch)
+    assert n == 3 * 6 - 3 and abs(s.item() / n - m(**batch).loss.item()) < 1e-5
+
+ERRORS = [
+    (lambda b, ft: merge_models(b, []), ValueError, "no models to merge"),
+    (lambda b, ft: merge_models(b, ft[0]), TypeError, "models must be a list of models"),
+    (lambda b, ft: merge_models(b, [ft[0], small(1, num_hidden_layers=3)]), ValueError, "'model.layers.2.self_attn.q_proj.weight' is in model 1 but not in the base"),
+    (lambda b, ft: merge_models(b, [small(1, intermediate_size=96)]), ValueError, "'model.layers.0.mlp.gate_proj.weight' has shape (128, 64) in the base but (96, 64) in model 0"),
+    (lambda b, ft: merge_models(b, ft, weights=[1.0]), ValueError, "weights has 1 entries for 3 models"),
+    (lambda b, ft: merge_models(b, ft, "tie", density=0.5), ValueError, "did you mean 'ties'"),
+    (lambda b, ft: merge_models(model_weights(b), ft), TypeError, "the base is a dict"),
+    (lambda b, ft: uniform_soup([]), ValueError, "no models to merge"),
+    (lambda b, ft: uniform_soup([ft[0], small(1, intermediate_size=96)]), ValueError, "in model 0 but (96, 64) in model 1"),
+    (lambda b, ft: greedy_soup(ft, lambda m: 0.0, scores=[1.0]), ValueError, "scores has 1 entries for 3 candidates"),
+    (lambda b, ft: greedy_soup(ft, lambda m: float("nan")), ValueError, "is nan"),
+    (lambda b, ft: wise_ft(b, ft[0], -0.1), ValueError, "must be >= 0 and <= 1"),
+    (lambda b, ft: wise_ft(b, small(1, num_hidden_layers=3)), ValueError, "give the pretrained model the same head"),
+    (lambda b, ft: lines(b, ft[0]), ValueError, "needs alpha="),
+    (lambda b, ft: lines(b, ft), ValueError, "needs beta="),
+    (lambda b, ft: lines(b, ft, beta=0.5, weights=[1.0, 2.0]), ValueError, "weights has 2 entries for 3 models"),
+    (lambda b, ft: lines(small(0, num_hidden_layers=1), small(1, num_hidden_layers=1), alpha=0.5), ValueError, "needs at least 2 layers"),
+    (lambda b, ft: label_smoothing_objective(1.0), ValueError, "must be >= 0 and < 1"),
+]
+
+@pytest.mark.parametrize("call,error,message", ERRORS, ids=[m for *_, m in ERRORS])
+def test_errors(models, call, error, message):
+    with pytest.raises(error, match=None) as e: call(*models)
+    assert message in str(e.value), str(e.value)
+
+def test_non_float_parameters_refused_and_integer_buffers_from_base(models):
+    base, ft = models
+    q = copy.deepcopy(ft[0]); q.model.norm.weight = nn.Parameter(torch.ones(64, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(TypeError, match="parameter 'model.norm.weight' of model 0 is torch.int8"): merge_models(base, [q])
+    with pytest.raises(TypeError, match="of the base is torch.int8"): merge_models(q, ft)
+    b2, t2 = copy.deepcopy(base), copy.deepcopy(ft[0])
+    b2.model.register_buffer("steps", torch.tensor(7)); t2.model.register_buffer("steps", torch.tensor(99))
+    assert merge_models(b2, [t2]).model.steps.item() == 7 and uniform_soup([b2, t2]).model.steps.item() == 7
+
+def test_registered_with_papers():
+    table = methods("merge").set_index("name")
+    for name, words in [("uniform-soup", "Model soups"), ("greedy-soup", "Model soups"), ("wise-ft", "Robust fine-tuning"),
+                        ("bang", "Spurious Feature Diversification"), ("lines", "LiNeS")]:
+        assert words in table.loc[name, "paper"]
