@@ -12,6 +12,10 @@ from .core.surgery import find_targets, trainable_report
 from .core.registry import apply, methods, register, get_method
 from .merge.task_vectors import task_vector, TaskVector
 from .merge.tensors import merge_tensors, merge_task_vectors
+from .merge.models import merge_models
+from .merge.soups import uniform_soup, greedy_soup, wise_ft, lines
+from .merge.adapters import add_weighted_adapter, merge_delta_weights
+from .merge.transfer import transfer_update, port_adapter
 from .core.adapter import unmerge, unload
 from .core.adapter import merge as _merge_function, adapters as _adapters_function
 from .core.io import save_adapter, load_adapter, hotswap_adapter
