@@ -4,8 +4,11 @@ mergekit is installed by the Makefile (its `--no-deps` oracle line, with `immuta
 missing oracle fails here rather than skipping. Whole rules go through mergekit's tensor-level entry point
 `mergekit.merge_methods.merge_tensors` (the base's and the models' weights of one tensor) against ours with `base=`
 and `variant="mergekit"`; the parts through mergekit's sparsifiers (`mergekit.sparsify`), its sign consensus
-(`get_mask`), `karcher_merge_tensors`, `slerp`, `nuslerp`, `sce_mask` and `sce_weight`. The random rules (DARE,
-DELLA) seed torch's global generator identically before each call, so both draw the same masks.
+(`get_mask`), `karcher_merge_tensors`, `slerp`, `nuslerp`, `sce_mask` and `sce_weight`; mergekit's own rules
+(NearSwap, Arcee Fusion, RAM, RAM+ and passthrough) through their merge-method objects (`nearswap_merge`,
+`arcee_fusion_merge_method`, `ram_merge`, `ramplus_tl_merge`, `passthrough_merge_method`), and Arcee Fusion's parts
+(`_compute_importance`, `DynamicThresholdFusion`). The random rules (DARE, DELLA, and Arcee Fusion's quantile sample)
+seed torch's global generator identically before each call, so both draw the same masks.
 """
 import itertools
 import pytest
@@ -17,10 +20,15 @@ from mergekit.merge_methods.karcher import karcher_merge_tensors
 from mergekit.merge_methods.slerp import slerp as mk_slerp
 from mergekit.merge_methods.nuslerp import nuslerp as mk_nuslerp
 from mergekit.merge_methods.sce import sce_mask, sce_weight
+from mergekit.merge_methods.nearswap import nearswap_merge
+from mergekit.merge_methods import arcee_fusion as mk_arcee
+from mergekit.merge_methods.arcee_fusion import DynamicThresholdFusion, _compute_importance, arcee_fusion_merge_method
+from mergekit.merge_methods.ram import ram_merge, ramplus_tl_merge
+from mergekit.merge_methods.passthrough import passthrough_merge_method
 from peftlab.core.registry import METHODS, apply, canonical_name, get_method, methods
 from peftlab.merge.tensors import (MERGE_RULES, merge_tensors, magnitude_prune_tensor, dare_prune_tensor,
                                    breadcrumbs_prune_tensor, della_prune_tensor, majority_sign_mask, slerp, nuslerp,
-                                   karcher_mean, sce_select_mask, sce_weights)
+                                   karcher_mean, sce_select_mask, sce_weights, arcee_fusion_importance, outlier_fence)
 
 SHAPES = [(7,), (16, 24), (3, 5, 11)]
 WEIGHTS = [[1.0, 1.0], [0.7, 0.3], [2.0, 1.0, 1.0], [1.0, -0.5, 0.25]]
@@ -245,6 +253,68 @@ def test_multislerp_antipodal_pair_is_lerp_like_mergekit():
     close(merge_tensors([a, -a], [1.0, 1.0], "multislerp"), theirs("multislerp", None, [a, -a], dict(weight=[1.0, 1.0])))
 
 
+# ---- mergekit's own rules: NearSwap, Arcee Fusion, RAM, RAM+ and passthrough
+@pytest.mark.parametrize("shape,t", list(itertools.product(SHAPES, [0.0, 1e-4, 0.1, 0.5, 3.0])))
+def test_nearswap_equals_mergekit(shape, t):
+    base, (theta,) = weights_of(shape, 1, seed=70)
+    theta.view(-1)[::4] = base.view(-1)[::4] + 1e-5                    # entries where the two nearly agree: swapped whole
+    expected = theirs(nearswap_merge, base, [theta], t=t)
+    close(merge_tensors([theta], None, "nearswap", base=base, t=t), expected)
+    close(merge_tensors([theta - base], None, "nearswap", t=t), expected - base)
+
+
+@pytest.mark.parametrize("shape,spread,seed", list(itertools.product(SHAPES + [(64, 128)], [0.01, 1.0], [0, 1, 2])))
+def test_arcee_fusion_equals_mergekit(shape, spread, seed):
+    base, (theta,) = weights_of(shape, 1, seed=100 + seed, spread=spread)
+    close(merge_tensors([theta], None, "arcee_fusion", base=base), theirs(arcee_fusion_merge_method, base, [theta]))
+    importance = arcee_fusion_importance(theta, base)
+    close(importance, _compute_importance(theta, base))
+    close(outlier_fence(importance), DynamicThresholdFusion().calculate_dynamic_threshold(importance))
+
+
+def test_arcee_fusion_samples_like_mergekit(monkeypatch):
+    "Past the sample size both draw the same quartile sample from torch's generator (the size lowered to keep this small)."
+    monkeypatch.setattr(mk_arcee, "_QUANTILE_SAMPLE_SIZE", 50)
+    base, (theta,) = weights_of((16, 24), 1, seed=7)
+    importance = arcee_fusion_importance(theta, base)
+    torch.manual_seed(3); expected = DynamicThresholdFusion().calculate_dynamic_threshold(importance)
+    torch.manual_seed(3); close(outlier_fence(importance, sample=50), expected)
+    torch.manual_seed(4); whole = outlier_fence(importance)
+    assert not torch.equal(whole, expected)                             # the sample's fence is not the whole tensor's
+
+
+def sparse_weights_of(shape, n, seed, moved):
+    "A base and `n` fine-tuned weights, each moving a random `moved` fraction of the entries (sparse updates, as RL's)."
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base, [base + torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < moved) for _ in range(n)]
+
+
+@pytest.mark.parametrize("shape,n,moved,epsilon", list(itertools.product(SHAPES, [1, 2, 3, 5], [0.2, 0.6, 1.0], [1e-5, 0.5])))
+def test_ram_equals_mergekit(shape, n, moved, epsilon):
+    base, thetas = sparse_weights_of(shape, n, seed=80 + n, moved=moved)
+    expected = theirs(ram_merge, base, thetas, epsilon=epsilon)
+    close(merge_tensors(thetas, None, "ram", base=base, epsilon=epsilon), expected)
+    close(merge_tensors([t - base for t in thetas], None, "ram", epsilon=epsilon), expected - base)
+
+
+@pytest.mark.parametrize("shape,n,moved,r,alpha",
+                         list(itertools.product(SHAPES, [2, 3, 5], [0.2, 0.6, 1.0], [0.1, 1.0], [0.2, 5.0])))
+def test_ramplus_tl_equals_mergekit(shape, n, moved, r, alpha):
+    base, thetas = sparse_weights_of(shape, n, seed=90 + n, moved=moved)
+    expected = theirs(ramplus_tl_merge, base, thetas, r=r, alpha=alpha)
+    close(merge_tensors(thetas, None, "ramplus_tl", base=base, r=r, alpha=alpha), expected)
+    close(merge_tensors([t - base for t in thetas], None, "ramplus_tl", r=r, alpha=alpha), expected - base)
+
+
+@pytest.mark.parametrize("shape,scale", list(itertools.product(SHAPES, [None, 0.0, 0.5, -2.0])))
+def test_passthrough_equals_mergekit(shape, scale):
+    _, (theta,) = weights_of(shape, 1, seed=95)
+    ours = {} if scale is None else dict(scale=scale)
+    expected = theirs(passthrough_merge_method, None, [theta], None if scale is None else dict(scale=[scale]))
+    close(merge_tensors([theta], None, "passthrough", **ours), expected)
+
+
 # ---- the registry
 def test_every_rule_is_registered_as_merge():
     table = methods().set_index("name")
@@ -256,7 +326,7 @@ def test_every_rule_is_registered_as_merge():
     assert set(methods("merge").name) >= {canonical_name(n) for n in MERGE_RULES}   # other merge notebooks register theirs too
 
 
-@pytest.mark.parametrize("name", ["ties", "dare_ties", "della", "model_stock", "karcher", "slerp"])
+@pytest.mark.parametrize("name", ["ties", "dare_ties", "della", "model_stock", "karcher", "slerp", "arcee_fusion", "passthrough"])
 def test_apply_refuses_merge_rules(name):
     from peftlab.core.models import tiny_llama
     with pytest.raises(ValueError, match=f"'{canonical_name(name)}' is a merge rule: pass it to merge_tensors"):
