@@ -181,8 +181,8 @@ _DATA = [dict(input_ids=_IDS, attention_mask=torch.ones_like(_IDS), labels=_IDS)
 OPTIONS = dict(adalora=dict(total_step=10), bone=dict(r=4), **{m: dict(init_data=_DATA) for m in ("corda", "eva", "lora-sb", "lora-ga")})
 
 def _applies_alone(method):
-    try: apply(tiny_llama(), method, **OPTIONS.get(method, {})); return True
-    except Exception: return False   # a method that needs more than these options: not a question of stacking
+    try: apply(tiny_llama(), method, **OPTIONS.get(method, {}))(X); return True
+    except Exception: return False   # a method that needs more than these options or inputs (task ids): not a question of stacking
 
 def _adapter_methods():
     discover()
