@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 from ..core.registry import did_you_mean
-from .task_vectors import TaskVector, task_vector
+from .task_vectors import TaskVector, task_vector, model_weights
 from .tensors import MERGE_RULES, merge_rule, merge_tensors, merge_task_vectors
+from .models import models_taken, check_merge, merged_update
 
 # %% auto #0
 __all__ = ['TOP_KEYS', 'MODEL_KEYS', 'NOT_SUPPORTED', 'RENAMED', 'IGNORED', 'DTYPES', 'ALIASES', 'MERGE_CONFIG',
@@ -174,18 +175,14 @@ def _check(self:MergeConfig)->MergeConfig:
     "Raise a MergeConfigError for anything wrong that can be seen without loading a model; return the config."
     method = self.method()
     models = self.merging()
-    if len(models) < 2:
+    if models_taken(merge_rule(method))[1] is None and len(models) < 2:   # a rule of many models: one would be a fold
         one = f" ({models[0].model})" if models else ""
         raise self.error(f"merge method {method!r} merges two or more models, got {len(models)}{one}: add another; to fold "
                          "one adapter into its base, run `peftlab merge --adapter DIR` without --method")
     if self.dtype is not None and self.dtype not in DTYPES: raise self.error(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
     if isinstance(self.seed, bool) or not isinstance(self.seed, int): raise self.error(f"seed must be an integer, got {self.seed!r}")
     weights, options = self.weights(), self.options()       # their own MergeConfigErrors first
-    g = torch.Generator().manual_seed(0)
-    probe = [torch.randn(4, generator=g) for _ in models]   # one small distinct tensor per model
-    base = {"base": torch.zeros(4)} if getattr(merge_rule(method), "needs_base", False) else {}   # task vectors: the base is 0
-    try:
-        with torch.random.fork_rng(devices=[]): merge_tensors(probe, weights, method, **base, **options)   # DARE's draws leave no trace
+    try: check_merge(method, len(models), weights, **options)   # the count, the options and the weights, as the merge runs them
     except (ValueError, TypeError) as e: raise self.error(str(e)) from None
     for m in [*models, *([ModelSpec(self.base_model)] if self.base_model else [])]:
         if not _exists(m.model): raise self.error(f"no model or adapter at {m.model!r}: give a directory or one of peftlab's model names")
@@ -229,19 +226,27 @@ def adapter_task_vector(base:nn.Module, path:str|Path)->tuple[TaskVector,list[st
     targets = sorted(top_adapters(tuned))
     return task_vector(base, merge_for_export(tuned)), targets
 
+def _model_task_vector(base:nn.Module, model:str, config:MergeConfig)->tuple[TaskVector,list[str]|None]:
+    "The task vector of one model or adapter of `config` (and the modules an adapter adapts); one that does not fit the base is a config error."
+    from peftlab.core.models import load_model
+    try:
+        if is_adapter(model): return adapter_task_vector(base, model)
+        return task_vector(base, load_model(model)), None
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise config.error(f"{model} does not fit the base {config.base()}: {e}") from None
+
 def config_task_vectors(base:nn.Module, config:MergeConfig)->list[TaskVector]:
     "The task vector of each model of `config` against `base`; adapters must adapt the same modules."
-    from peftlab.core.models import load_model
     tvs, first = [], None
     for m in config.merging():
-        if not is_adapter(m.model): tvs.append(task_vector(base, load_model(m.model))); continue
-        tv, targets = adapter_task_vector(base, m.model)
+        tv, targets = _model_task_vector(base, m.model, config)
+        tvs.append(tv)
+        if targets is None: continue
         if first is None: first = (m.model, targets)
         elif targets != first[1]:
             only = sorted(set(targets) ^ set(first[1]))[:3]
             raise config.error(f"adapters {first[0]} and {m.model} adapt different modules (e.g. {only}): merge adapters "
                                "trained with the same targets")
-        tvs.append(tv)
     return tvs
 
 # %% ../../nbs/merge/98_config.ipynb #c0644c4d
@@ -254,7 +259,7 @@ def merged_from_config(config:MergeConfig)->nn.Module:
     base = load_model(config.base())
     tvs = config_task_vectors(base, config)
     torch.manual_seed(config.seed)                      # DARE's masks
-    merged = merge_task_vectors(tvs, config.weights(), config.method(), **config.options())
+    merged = merged_update(model_weights(base), tvs, config.method(), config.weights(), **config.options())
     return merged.apply_to(base)
 
 def _tokenizer(name:str):

@@ -13,12 +13,13 @@ from ..core.compare import Comparison
 from ..core.data import get_task, sft_loader
 from ..core.models import load_model, load_tokenizer
 from ..core.train import fit, eval_loss
-from .task_vectors import task_vector
-from .tensors import MERGE_RULES, merge_task_vectors
+from .task_vectors import task_vector, model_weights
+from .tensors import MERGE_RULES, merge_rule
+from .models import models_taken, merged_update
 
 # %% auto #0
-__all__ = ['PRETRAIN_TASKS', 'MERGE_TASKS', 'FAMILY_OPTIONS', 'Specialists', 'family_data', 'train_specialists', 'family_options',
-           'merge_leaderboard', 'merge_family']
+__all__ = ['PRETRAIN_TASKS', 'MERGE_TASKS', 'FAMILY_OPTIONS', 'RULE_OPTIONS', 'Specialists', 'family_data', 'train_specialists',
+           'family_options', 'family_merges', 'merge_leaderboard', 'merge_family']
 
 # %% ../../nbs/merge/99_family.ipynb #d7cec175
 PRETRAIN_TASKS = ("arithmetic", "sort_numbers", "reverse_words")  # tiny-llama's "pretraining" before the specialists
@@ -76,23 +77,38 @@ def train_specialists(model:str="tiny-llama",       # "tiny-llama" (pretrained h
 
 # %% ../../nbs/merge/99_family.ipynb #f07a3ccf
 FAMILY_OPTIONS = dict(density=0.5, t=0.5)   # the family's value for a rule option that has no default
+RULE_OPTIONS = dict(nearswap=dict(t=0.01))  # NearSwap's step: about half the median |τ| of tiny-llama's specialists (0.02)
 
 def family_options(rule)->dict:
-    "The options the family merges `rule` with: FAMILY_OPTIONS for the rule's fields that have none (None) by default."
-    return {f.name: FAMILY_OPTIONS[f.name] for f in fields(rule.config) if f.name in FAMILY_OPTIONS and f.default is None}
+    "The options the family merges `rule` with: FAMILY_OPTIONS for the rule's fields that have none (None) by default, then RULE_OPTIONS."
+    options = {f.name: FAMILY_OPTIONS[f.name] for f in fields(rule.config) if f.name in FAMILY_OPTIONS and f.default is None}
+    return {**options, **RULE_OPTIONS.get(rule.name, {})}
+
+def family_merges(rule, tasks:tuple)->list[tuple]|str:
+    "The merges the family runs by `rule`, as (row name, the tasks whose specialists it merges), or why it runs none."
+    fewest, most = models_taken(rule)
+    if len(tasks) < fewest: return f"{rule.name!r} takes at least {fewest} models; the family has {len(tasks)} specialists"
+    if most is None or len(tasks) <= most: return [(rule.name, tuple(tasks))]
+    if most > 1: return [(rule.name, tuple(tasks[:most]))]             # slerp, nuslerp: the first specialists
+    if not rule.takes_base: return f"{rule.name!r} copies one model: its row would be that specialist's"
+    return [(f"{rule.name} {t}", (t,)) for t in tasks]                 # nearswap, arcee_fusion: each specialist with the base
 
 def _losses(model:nn.Module, test:dict)->dict: return {t: eval_loss(model, bs) for t, bs in test.items()}
 
-def _row(kind:str, losses:dict, scale=None)->dict:
-    return {**losses, "eval_loss": sum(losses.values()) / len(losses), "kind": kind, "scale": scale}
+def _row(kind:str, losses:dict, scale=None, rule=None, merged=None)->dict:
+    return {**losses, "eval_loss": sum(losses.values()) / len(losses), "kind": kind, "scale": scale, "rule": rule,
+            "merged": ", ".join(merged) if merged else None}
 
-def _merged_row(sp:Specialists, tvs:list, weights, method:str, options:dict, val:dict, held:dict, scales, seed:int)->dict:
-    "The held-out row of one merge, λ chosen on `val` when `scales` has several."
+def _merged_row(sp:Specialists, tvs:dict, tasks:tuple, method:str, options:dict, val:dict, held:dict, scales, seed:int,
+                weights=None)->dict:
+    "The held-out row of the merge of `tasks`' specialists, λ chosen on `val` when `scales` has several."
+    rule = merge_rule(method)
+    if weights is None and rule.takes_weights: weights = [1.0] * len(tasks)
     torch.manual_seed(seed)                                 # DARE's masks
-    tv = merge_task_vectors(tvs, weights, method, **options)
+    tv = merged_update(model_weights(sp.base), [tvs[t] for t in tasks], method, weights, **options)
     on = lambda lam, data: _losses(tv.apply_to(copy.deepcopy(sp.base), scale=lam), data)
     lam = min(scales, key=lambda s: sum(on(s, val).values())) if len(scales) > 1 else scales[0]
-    return _row("merge", on(lam, held), lam)
+    return _row("merge", on(lam, held), lam, rule.name, tasks)
 
 # %% ../../nbs/merge/99_family.ipynb #99e393d4
 def merge_leaderboard(sp:Specialists,
@@ -100,22 +116,24 @@ def merge_leaderboard(sp:Specialists,
                       scales:tuple=(1.0,),             # λ candidates; several: chosen per merge on half the held-out data
                       seed:int=0,                      # DARE's masks
                      )->pd.DataFrame:
-    "Held-out loss per task and mean for the base, each specialist, the multi-task model, the average and each rule."
+    "Held-out loss per task and mean for the base, each specialist, the multi-task model, the average and each rule's merges."
     tasks, scales = sp.tasks, tuple(scales)
     split = len(scales) > 1
     val = {t: bs[:len(bs) // 2] for t, bs in sp.test.items()} if split else sp.test
     held = {t: bs[len(bs) // 2:] for t, bs in sp.test.items()} if split else sp.test
-    tvs = [task_vector(sp.base, sp.models[t]) for t in tasks]
+    tvs = {t: task_vector(sp.base, sp.models[t]) for t in tasks}
     rows = {"base": _row("base", _losses(sp.base, held))}
     rows.update({f"specialist {t}": _row("specialist", _losses(m, held)) for t, m in sp.models.items()})
     rows["multi-task"] = _row("multi-task", _losses(sp.multi, held))
-    rows["average"] = _merged_row(sp, tvs, [1 / len(tasks)] * len(tasks), "task_arithmetic", {}, val, held, (1.0,), seed)
+    rows["average"] = _merged_row(sp, tvs, tasks, "task_arithmetic", {}, val, held, (1.0,), seed, [1 / len(tasks)] * len(tasks))
     skipped = {}
     for name in rules or list(MERGE_RULES):
-        rule = MERGE_RULES[name]
-        weights = [1.0] * len(tasks) if rule.takes_weights else None
-        try: rows[name] = _merged_row(sp, tvs, weights, name, family_options(rule), val, held, scales, seed)
-        except (ValueError, TypeError) as e: skipped[name] = str(e)
+        rule = merge_rule(name)
+        plan = family_merges(rule, tasks)
+        if isinstance(plan, str): skipped[rule.name] = plan; continue
+        for row, merged in plan:
+            try: rows[row] = _merged_row(sp, tvs, merged, rule.name, family_options(rule), val, held, scales, seed)
+            except (ValueError, TypeError) as e: skipped[row] = str(e)
     table = pd.DataFrame.from_dict(rows, orient="index")
     table.attrs["skipped"] = skipped
     return table

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 from ..core.adapter import top_adapters, adapter_chain, bare_layer, dense_weight
 from .task_vectors import TaskVector, model_weights, check_same_weights
-from .tensors import merge_task_vectors, merge_rule
+from .tensors import MergeRule, merge_rule, merge_tensors, merge_task_vectors
 
 # %% auto #0
-__all__ = ['dense_weights', 'check_float_parameters', 'as_model_list', 'check_models', 'check_weights_length', 'plain_copy',
-           'model_task_vectors', 'load_weights', 'merge_models']
+__all__ = ['PAIRS_WITH_BASE', 'dense_weights', 'check_float_parameters', 'as_model_list', 'check_models', 'check_weights_length',
+           'adapted_positions', 'check_same_targets', 'plain_copy', 'model_task_vectors', 'load_weights',
+           'models_taken', 'check_model_count', 'on_own_weights', 'merged_update', 'check_merge', 'merge_models']
 
 # %% ../../nbs/merge/02_merge_models.ipynb #b30d325b
 def _folded(name:str, top:nn.Module)->dict[str,torch.Tensor]:
@@ -65,6 +66,22 @@ def check_weights_length(weights, n:int):
     k = len(weights) if not torch.is_tensor(weights) else weights.numel()
     if k != n: raise ValueError(f"weights has {k} entries for {n} models: give one weight per model (or None for all 1)")
 
+def adapted_positions(model:nn.Module)->list[str]:
+    "The positions of `model` whose update comes from an adapter (an active, unmerged one), in model order."
+    return [n for n, top in top_adapters(model).items() if any(a.active and not a.merged for a in adapter_chain(top))]
+
+def check_same_targets(models:list[nn.Module]):
+    "Raise if two of `models` carry adapters on different modules: their updates would not cover the same weights."
+    first = None
+    for i, m in enumerate(models):
+        if not (targets := adapted_positions(m)): continue     # a full fine-tune: every weight is its update
+        if first is None: first = (i, targets); continue
+        if targets != first[1]:
+            differ = sorted(set(targets) ^ set(first[1]))[:3]
+            raise ValueError(f"models {first[0]} and {i} carry adapters on different modules (e.g. {differ}): merge adapters "
+                             "trained with the same targets, or fold each into its model first "
+                             "(peftlab.merge(model, unload_adapters=True)) to merge them as full models")
+
 # %% ../../nbs/merge/02_merge_models.ipynb #80877de7
 def plain_copy(model:nn.Module)->nn.Module:
     "A deep copy of `model`, with any adapters merged into it and unloaded (a quantised base dequantised)."
@@ -92,16 +109,69 @@ def load_weights(model:nn.Module, weights:dict[str,torch.Tensor])->nn.Module:
         for k, v in weights.items(): own[k].copy_(v.to(own[k].dtype))
     return model
 
+# %% ../../nbs/merge/02_merge_models.ipynb #049b4b82
+PAIRS_WITH_BASE = ("slerp",)   # rules of two tensors that, given one model, merge it with the base (mergekit's slerp)
+
+def models_taken(rule:MergeRule)->tuple:
+    "The fewest and the most fine-tuned models (the base aside) `merge_models` merges by `rule` (None: no limit)."
+    fewest, most = rule.n_tensors
+    return (1, most) if rule.name in PAIRS_WITH_BASE else (fewest, most)
+
+def check_model_count(rule:MergeRule, n:int):
+    "Raise unless `rule` merges `n` fine-tuned models, naming the rule and how many it takes."
+    fewest, most = models_taken(rule)
+    if fewest <= n and (most is None or n <= most): return
+    takes = (f"exactly {most}" if fewest == most else f"at least {fewest}" if most is None else f"{fewest} or {most}")
+    plural = "s" * (most != 1 or fewest != 1)
+    fix = f"pass {most} (a rule such as 'ties' merges any number)" if most is not None and n > most else "add another fine-tuned model"
+    raise ValueError(f"{rule.name!r} takes {takes} fine-tuned model{plural} besides the base, got {n}: {fix}")
+
+def on_own_weights(rule:MergeRule, n:int)->bool:
+    "Whether `rule` merges `n` models' own weights rather than their task vectors (see above)."
+    return rule.on_weights or not rule.takes_base or (rule.name in PAIRS_WITH_BASE and n == 1)
+
+def _merge_weights_at(k:str, base:torch.Tensor, deltas:list, rule:MergeRule, weights, options:dict)->torch.Tensor:
+    "The merged update of weight `k` by a rule of the models' own weights: merge_tensors on θ_i = θ_base + τ_i, minus θ_base."
+    thetas = [base + d.to(base.dtype) for d in deltas]
+    if rule.name in PAIRS_WITH_BASE and len(thetas) == 1: merged = merge_tensors([base, *thetas], weights, rule.name, **options)
+    elif rule.takes_base: merged = merge_tensors(thetas, weights, rule.name, base=base, **options)
+    else: merged = merge_tensors(thetas, weights, rule.name, **options)
+    return merged - base
+
+def merged_update(base:dict[str,torch.Tensor],       # the base's weights (dense_weights / model_weights), the task vectors' origin
+                  task_vectors:list[TaskVector],     # one per fine-tuned model, measured from `base`
+                  method:str,                        # a rule of MERGE_RULES
+                  weights:list[float]|None=None,     # one weight per task vector (None: the rule's default)
+                  **options,                         # the rule's options
+                 )->TaskVector:
+    "The task vectors merged by `method` as one update of `base`: by `merge_task_vectors`, or key by key on the models' own weights."
+    rule = merge_rule(method)
+    check_model_count(rule, len(task_vectors))
+    if not on_own_weights(rule, len(task_vectors)): return merge_task_vectors(task_vectors, weights, rule.name, **options)
+    first = task_vectors[0]
+    for tv in task_vectors[1:]: check_same_weights(first.deltas, tv.deltas, ("the first task vector", "another"))
+    check_same_weights(first.deltas, base, ("the task vectors", "the base"))
+    return TaskVector({k: _merge_weights_at(k, base[k], [tv[k] for tv in task_vectors], rule, weights, options) for k in first.keys()})
+
+def check_merge(method:str, n:int, weights:list[float]|None=None, **options):
+    "Merge `n` small random updates once by `method`: the count, the options and the weights fail here, before any model is read."
+    g = torch.Generator().manual_seed(0)
+    base = {"probe": torch.randn(4, generator=g)}
+    updates = [TaskVector({"probe": torch.randn(4, generator=g)}) for _ in range(n)]
+    with torch.random.fork_rng(devices=[]): merged_update(base, updates, method, weights, **options)   # DARE's draws leave no trace
+
 # %% ../../nbs/merge/02_merge_models.ipynb #b8620682
 def merge_models(base:nn.Module,              # the model the others were fine-tuned from (left unchanged)
-                 models:list[nn.Module],      # fine-tunes of `base`: full, or with adapters (their ΔW is used)
+                 models:list[nn.Module],      # fine-tunes of `base`: full, or with adapters on the same modules (their ΔW is used)
                  method:str="task_arithmetic",  # a rule of merge.tensors' MERGE_RULES: "ties", "dare_ties", "slerp", ...
-                 weights:list[float]|None=None, # one weight per model; None: all 1 (slerp: None, and pass t=)
+                 weights:list[float]|None=None, # one weight per model; None: all 1 (the rules without weights: None)
                  **options,                   # the rule's options: density, scale (λ), majority_sign_method, t, ...
                 )->nn.Module:
-    "A new model: `base` plus the task vectors of `models` merged by rule `method`."
-    rule = merge_rule(method)                 # an unknown rule fails before any tensor is read
+    "A new model: `base` plus the task vectors of `models` merged by rule `method` (on their own weights where the rule asks)."
+    rule = merge_rule(method)                 # an unknown rule, or a wrong count, fails before any tensor is read
     models = check_models(base, models)
     check_weights_length(weights, len(models))
-    merged = merge_task_vectors(model_task_vectors(base, models), weights, rule.name, **options)
+    check_merge(rule.name, len(models), weights, **options)
+    check_same_targets(models)
+    merged = merged_update(dense_weights(base), model_task_vectors(base, models), rule.name, weights, **options)
     return merged.apply_to(plain_copy(base))
