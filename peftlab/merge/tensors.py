@@ -320,6 +320,9 @@ def multislerp(stacked:torch.Tensor, weights:torch.Tensor, normalize_weights:boo
     "Barycentric SLERP of the tensors stacked on dim 0 (mergekit's `multislerp`)."
     if len(stacked) == 1: return stacked[0]
     flat = stacked.reshape(len(stacked), -1)                            # (n, numel)
+    # a weight no model changed (frozen layers, adapters on other modules): its merged update is zero, where
+    # mergekit's multislerp raises on the zero mean
+    if not flat.any(): return torch.zeros_like(stacked[0])
     w = weights / weights.sum() if normalize_weights else weights
     norms = torch.norm(flat, dim=-1, keepdim=True)
     units = flat / (norms + eps)
