@@ -178,7 +178,8 @@ def _perturb(model, name, seed):
 
 _IDS = torch.randint(0, 49152, (2, 8))
 _DATA = [dict(input_ids=_IDS, attention_mask=torch.ones_like(_IDS), labels=_IDS)]
-OPTIONS = dict(adalora=dict(total_step=10), bone=dict(r=4), **{m: dict(init_data=_DATA) for m in ("corda", "eva", "lora-sb", "lora-ga")})
+OPTIONS = dict(adalora=dict(total_step=10), bone=dict(r=4), **{"trainable-tokens": dict(token_indices=[5, 7])},
+               **{m: dict(init_data=_DATA) for m in ("corda", "eva", "lora-sb", "lora-ga")})
 
 def _applies_alone(method):
     try: apply(tiny_llama(), method, **OPTIONS.get(method, {}))(X); return True
@@ -208,9 +209,10 @@ def test_every_method_stacks_correctly_or_refuses(tmp_path):
         assert_close(mixed[[0, 3]], alone(X).logits[[0, 3]], msg=method)
         set_adapter(model, "default"); assert_close(mixed[1], model(X).logits[1], msg=method)
         stacked.append(method)
-    assert sorted(stacked) == ["loldu", "lora", "miss", "slora"], stacked   # each checked above against itself alone
+    assert sorted(stacked) == ["fourierft", "loha", "loldu", "lora", "miss", "slora"], stacked   # each checked above against itself alone
     assert {"adalora", "bone", "corda", "dora", "eva", "hydra", "ia3", "kasa", "lora-sb", "lora-ga", "olora", "pissa",
-            "prefix-tuning", "prompt-tuning", "randlora", "ssf", "tlora"} <= set(refused), refused
+            "prefix-tuning", "prompt-tuning", "randlora", "ssf", "tlora", "vera", "lokr", "oft", "boft", "hra", "ln-tuning",
+            "trainable-tokens"} <= set(refused), refused
 
 FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the error says why
     ("dora", dict(r=2, targets=["q_proj"]), "DoraLinear computes a forward of its own"),
