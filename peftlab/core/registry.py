@@ -245,6 +245,7 @@ def build_config(config_cls:type, **kwargs):
 # %% ../../nbs/core/03_registry.ipynb #1e6f7a8d
 NOT_APPLIED = dict(  # category -> where its methods go instead of `apply` ({n}: the method's name)
     optim="an optimiser: pass it to fit(optimizer={n!r}) or make_optimizer(model, {n!r})",
+    objective="a training objective: pass it to fit(objective={n!r}, objective_options=...) or make_objective(model, {n!r})",
     scheme="a training scheme: pass it to fit(callbacks=[{n!r}]) or make_scheme(model, {n!r})",
     compression="a compression of trained updates: pass a state dict of task vectors to compress(state_dict, ...) (peftlab.quant.compeft)",
     merge="a merge rule: pass it to merge_tensors(tensors, weights, {n!r}) or merge_models(base, models, method={n!r}) "

@@ -24,10 +24,10 @@ from .distributed import (world_size, rank, is_main_process, init_distributed, i
 # %% auto #0
 __all__ = ['SCHEDULES', 'CHECKPOINT_PREFIX', 'PARAMS_FILE', 'TRAINER_FILE', 'warmup_steps', 'lr_lambda', 'TrainLog', 'TrainState',
            'Callback', 'trainable_parameters', 'registered', 'registered_names', 'make_optimizer', 'make_scheme',
-           'param_groups', 'Batches', 'compute_loss', 'to_device', 'supervised_count', 'loss_sum', 'seed_everything',
-           'rng_state', 'set_rng_state', 'rng_preserved', 'training_mode', 'atomic_dir', 'checkpoints',
-           'save_checkpoint', 'read_checkpoint', 'check_checkpoint_params', 'load_checkpoint', 'needs_backward',
-           'steps_in_backward', 'train_step', 'eval_loss', 'with_method_callbacks', 'active_dropout',
+           'make_objective', 'param_groups', 'Batches', 'compute_loss', 'to_device', 'supervised_count', 'loss_sum',
+           'seed_everything', 'rng_state', 'set_rng_state', 'rng_preserved', 'training_mode', 'atomic_dir',
+           'checkpoints', 'save_checkpoint', 'read_checkpoint', 'check_checkpoint_params', 'load_checkpoint',
+           'needs_backward', 'steps_in_backward', 'train_step', 'eval_loss', 'with_method_callbacks', 'active_dropout',
            'check_optimizer_mode', 'activation_checkpointing', 'fit', 'answer_nll', 'greedy_answers', 'evaluate']
 
 # %% ../../nbs/core/06_train.ipynb #58a008e4
@@ -170,6 +170,18 @@ def make_scheme(model:nn.Module,
     m = registered(name, "scheme", "a training scheme")
     return m.apply(model, method_config(m, options))
 
+def make_objective(model:nn.Module,
+                   objective:Callable|str|None=None,  # `objective(logits, labels, batch)`, or a registered name (`methods("objective")`)
+                   **options,                          # a registered objective's options (DFT's `power`, ...)
+                  )->Callable|None:
+    "The objective `fit` calls: `objective` as given, or the registered objective of that name built for `model`."
+    if isinstance(objective, str):
+        m = registered(objective, "objective", "an objective")
+        return m.apply(model, method_config(m, options))
+    if options: raise TypeError(f"options {sorted(options)} belong to a registered objective named by a string "
+                                "(e.g. objective='dft'); a callable objective takes none")
+    return objective
+
 def param_groups(model:nn.Module, params:list[nn.Parameter], weight_decay:float=0.0)->list[dict]:
     "AdamW's groups: matrices decay, vectors do not; a pair per named adapter when `model` has several (each its own `name`)."
     split = adapter_parameters(model) if len(adapter_names(model)) > 1 else {None: params}
@@ -220,7 +232,8 @@ def _model_inputs(model:nn.Module, batch:dict, labels:bool)->dict:
 def compute_loss(model:nn.Module, batch:dict, objective:Callable|None=None)->torch.Tensor:
     "`model(**batch).loss`, or `objective(logits, labels, batch)` when one is given."
     if objective is not None:
-        return objective(model(**_model_inputs(model, batch, labels=False)).logits, batch["labels"], batch)
+        out = objective(model(**_model_inputs(model, batch, labels=False)).logits, batch["labels"], batch)
+        return out[0] / max(int(out[1]), 1) if isinstance(out, tuple) else out  # a (sum, count) pair: its mean
     loss = model(**_model_inputs(model, batch, labels=True)).loss
     if loss is None: raise ValueError(f"the model returned no loss: the batch needs `labels` (it has {sorted(batch)})")
     return loss
@@ -612,7 +625,8 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
         grad_accum:int=1,                # batches per step; the loss is normalised by the step's supervised tokens
         max_grad_norm:float|None=1.0,    # clip the gradients' joint norm to this (None: no clipping)
         bf16:bool=False,                 # run forward passes under bfloat16 autocast
-        objective:Callable|None=None,    # `objective(logits, labels, batch)` (a mean, or `(sum, count)`) instead of the model's loss
+        objective:Callable|str|None=None,  # `objective(logits, labels, batch)` (a mean, or `(sum, count)`) instead of the model's loss, or a registered name (`methods("objective")`)
+        objective_options:dict|None=None,  # a registered objective's options, e.g. dict(power=0.5) for "dft"
         eval_data:Iterable[dict]|None=None,  # batches for the eval loss
         eval_every:int|None=None,        # evaluate every this many steps (and after the last); None: after the last
         eval_fn:Callable|None=None,      # `eval_fn(model) -> dict` of more metrics
@@ -630,6 +644,8 @@ def fit(model:nn.Module,                 # a model whose trainable parameters (r
     _check_fit_args(steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, resume, fsdp, optimizer)
     seed_everything(seed)
     callbacks = with_method_callbacks(model, [make_scheme(model, c) if isinstance(c, str) else c for c in callbacks])
+    objective = make_objective(model, objective, **(objective_options or {}))
+    if isinstance(objective, Callback) and objective not in callbacks: callbacks.append(objective)  # it keeps state across steps, or logs
     with activation_checkpointing(model, gradient_checkpointing):
         forward = _setup_engine(model, fsdp)
         opt = make_optimizer(model, optimizer, lr, weight_decay, **(optimizer_options or {}))
