@@ -22,7 +22,10 @@ from .core.io import save_adapter, load_adapter, hotswap_adapter
 from .core.named import (adapter_names, active_adapters, set_adapter, disabled_adapters, delete_adapter,
                                 mixed_batch, adapter_parameters, adapter_param_groups)
 from .core.data import get_task, sft_loader, load_examples
-from .core.train import fit, evaluate, make_optimizer, make_scheme
+from .core.train import fit, evaluate, make_optimizer, make_scheme, make_objective
+from .objectives.core import rollout_fit, sample, sequence_logprobs
+from .objectives.packing import pack_examples
+from .sparse.core import SparseDelta, sparse_delta
 from .optim.core import memory_ledger, MemoryLedger
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready

@@ -178,7 +178,7 @@ def _perturb(model, name, seed):
 
 _IDS = torch.randint(0, 49152, (2, 8))
 _DATA = [dict(input_ids=_IDS, attention_mask=torch.ones_like(_IDS), labels=_IDS)]
-OPTIONS = dict(adalora=dict(total_step=10), bone=dict(r=4), **{"trainable-tokens": dict(token_indices=[5, 7])},
+OPTIONS = dict(adalora=dict(total_step=10), bone=dict(r=4), shira=dict(r=4), **{"trainable-tokens": dict(token_indices=[5, 7])},
                **{m: dict(init_data=_DATA) for m in ("corda", "eva", "lora-sb", "lora-ga")})
 
 def _applies_alone(method):
@@ -187,7 +187,7 @@ def _applies_alone(method):
 
 def _adapter_methods():
     discover()
-    return sorted(n for n, m in METHODS.items() if m.category in ("adapter", "init"))
+    return sorted(n for n, m in METHODS.items() if m.category in ("adapter", "init", "sparse"))
 
 def test_every_method_stacks_correctly_or_refuses(tmp_path):
     "Beside a LoRA, each method either refuses with a clear error (nothing changed) or gives exactly what it gives alone."
@@ -212,7 +212,7 @@ def test_every_method_stacks_correctly_or_refuses(tmp_path):
     assert sorted(stacked) == ["fourierft", "loha", "loldu", "lora", "miss", "slora"], stacked   # each checked above against itself alone
     assert {"adalora", "bone", "corda", "dora", "eva", "hydra", "ia3", "kasa", "lora-sb", "lora-ga", "olora", "pissa",
             "prefix-tuning", "prompt-tuning", "randlora", "ssf", "tlora", "vera", "lokr", "oft", "boft", "hra", "ln-tuning",
-            "trainable-tokens"} <= set(refused), refused
+            "trainable-tokens", "shira", "lt-sft"} <= set(refused), refused
 
 FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the error says why
     ("dora", dict(r=2, targets=["q_proj"]), "DoraLinear computes a forward of its own"),
