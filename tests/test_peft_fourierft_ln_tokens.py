@@ -112,7 +112,7 @@ def test_unsupported_peft_option_is_refused(peft_cfg, option, tmp_path):
     base = tiny_llama()
     before = {k: v.clone() for k, v in base.state_dict().items()}
     modules = [(n, type(m)) for n, m in base.named_modules()]
-    with pytest.raises(ValueError, match=re.escape(f"{cfg.peft_type.value} option {option}") + ".*" + re.escape(f"saved by peft {peft.__version__}")):
+    with pytest.raises(ValueError, match=re.escape(f"{cfg.peft_type.value} option {option}") + ".*" + re.escape(f"written by PEFT {peft.__version__}")):
         load_adapter(base, tmp_path)
     assert [(n, type(m)) for n, m in base.named_modules()] == modules and not hasattr(base, "peftlab_method")
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in before.items())
@@ -124,6 +124,6 @@ def test_unknown_option_from_a_newer_peft_is_refused(tmp_path):
     cfg = json.loads((tmp_path/"adapter_config.json").read_text()); cfg["train_in_fp32"] = True
     (tmp_path/"adapter_config.json").write_text(json.dumps(cfg))
     base = tiny_llama()
-    with pytest.raises(ValueError, match=re.escape(f"TRAINABLE_TOKENS option train_in_fp32=True (saved by peft {peft.__version__})")):
+    with pytest.raises(ValueError, match=re.escape(f"TRAINABLE_TOKENS option train_in_fp32=True (written by PEFT {peft.__version__})")):
         load_adapter(base, tmp_path)
     assert not hasattr(base, "peftlab_method") and type(base.model.embed_tokens) is torch.nn.Embedding

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, adapters, record_method, dense_weight
 from ..core.registry import register
-from ..core.io import adapter_state, _copy_in
+from ..core.io import adapter_state, _copy_in, refuse_peft_options, peft_version
 from .lora import adapter_dtype
-from .oft import cayley, multiplicative_dropout, refuse_peft_options, peft_version, _model_name
+from .oft import cayley, multiplicative_dropout, OFT_UNSUPPORTED, _model_name
 
 # %% auto #0
 __all__ = ['BOFTConfig', 'butterfly_permutation', 'butterfly_permutations', 'butterfly_blocks', 'BOFTLinear', 'save_boft',
@@ -127,7 +127,7 @@ def _to_peft(config:BOFTConfig, model:nn.Module)->dict:
                 peft_version=peft_version(), base_model_name_or_path=_model_name(model))
 
 def _from_peft(cfg:dict)->dict:
-    refuse_peft_options(cfg, "boft")
+    refuse_peft_options(cfg, "boft", OFT_UNSUPPORTED)
     return dict(block_size=cfg.get("boft_block_size", 4), block_num=cfg.get("boft_block_num", 0),
                 n_butterfly_factor=cfg.get("boft_n_butterfly_factor", 1), dropout=cfg.get("boft_dropout", 0.0),
                 targets=cfg["target_modules"])

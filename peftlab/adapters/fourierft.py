@@ -12,11 +12,11 @@ from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method, dense_weight
 from ..core.surgery import find_targets, check_types, LINEAR_TYPES
 from ..core.registry import register
+from ..core.io import refuse_peft_options
 from .lora import adapter_dtype
 
 # %% auto #0
-__all__ = ['FourierFTConfig', 'spectral_entries', 'FourierFTLinear', 'layer_frequencies', 'refuse_peft_options',
-           'apply_fourierft']
+__all__ = ['FourierFTConfig', 'spectral_entries', 'FourierFTLinear', 'layer_frequencies', 'apply_fourierft']
 
 # %% ../../nbs/adapters/28_fourierft.ipynb #d4dc09e2
 @dataclass
@@ -74,28 +74,11 @@ def _to_peft(config:FourierFTConfig, model:nn.Module)->dict:
                 layers_to_transform=None, layers_pattern=None, exclude_modules=None, inference_mode=True,
                 base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
 
-def _is_unset(value, default)->bool:
-    return value is None or value == default or (isinstance(value, (list, dict, set, tuple)) and not value)
-
-_PEFT_COMMON = ("peft_type", "task_type", "inference_mode", "auto_mapping", "peft_version", "base_model_name_or_path", "revision")
-
-def refuse_peft_options(cfg:dict,            # a PEFT adapter_config.json
-                        unsupported:dict,    # option -> the value peftlab's method behaves as (PEFT's default)
-                        method:str,          # peftlab's method name, for the message
-                        known:tuple=(),      # the options peftlab reads; any other that is set is refused too
-                       ):
-    "Raise, naming the option and the PEFT version that wrote `cfg`, if it sets an option `method` does not support."
-    others = {k: None for k in cfg if known and k not in (*known, *unsupported, *_PEFT_COMMON)}   # from a newer PEFT
-    for k, default in {**unsupported, **others}.items():
-        if not _is_unset(cfg.get(k), default):
-            raise ValueError(f"PEFT {cfg.get('peft_type')} option {k}={cfg[k]!r} (saved by peft {cfg.get('peft_version', '(version not recorded)')}) "
-                             f"is not supported by peftlab's {method}; nothing was loaded: save the adapter without it")
-
 _UNSUPPORTED = dict(fan_in_fan_out=False, bias="none", modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None)
 
 def _from_peft(cfg:dict)->dict:
-    refuse_peft_options(cfg, _UNSUPPORTED, "fourierft", known=("target_modules", "n_frequency", "scaling", "random_loc_seed",
-                                                                "n_frequency_pattern", "init_weights"))
+    refuse_peft_options(cfg, "fourierft", _UNSUPPORTED, known=("target_modules", "n_frequency", "scaling", "random_loc_seed",
+                                                                "n_frequency_pattern", "init_weights"))   # a newer PEFT's options too
     return dict(targets=cfg["target_modules"], n_frequency=cfg.get("n_frequency", 1000), scaling=cfg.get("scaling", 150.0),
                 random_loc_seed=cfg.get("random_loc_seed", 777), n_frequency_pattern=cfg.get("n_frequency_pattern") or {},
                 init="zeros" if cfg.get("init_weights") else "gaussian")

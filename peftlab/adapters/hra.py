@@ -11,7 +11,8 @@ from torch import nn
 from ..core.adapter import LayerAdapter, inject, adapters, record_method, dense_weight
 from ..core.registry import register
 from .lora import adapter_dtype
-from .oft import refuse_peft_options, peft_option_error, peft_version, _model_name
+from ..core.io import refuse_peft_options, peft_option_error, peft_version
+from .oft import OFT_UNSUPPORTED, _model_name
 
 # %% auto #0
 __all__ = ['HRAConfig', 'householder_product', 'hra_orthogonality', 'HRALinear', 'apply_hra']
@@ -96,8 +97,8 @@ def _to_peft(config:HRAConfig, model:nn.Module)->dict:
                 base_model_name_or_path=_model_name(model))
 
 def _from_peft(cfg:dict)->dict:
-    refuse_peft_options(cfg, "hra")
-    if cfg.get("r", 8) % 2: raise peft_option_error(cfg, "hra", "r", cfg["r"])   # odd r: see above
+    refuse_peft_options(cfg, "hra", OFT_UNSUPPORTED)
+    if cfg.get("r", 8) % 2: raise peft_option_error(cfg, "hra", "r", cfg["r"], "train it with an even r")   # odd r: see above
     return dict(r=cfg.get("r", 8), gram_schmidt=cfg.get("apply_GS", False), targets=cfg["target_modules"])
 
 @register("hra", category="adapter", config=HRAConfig, peft="HRA", to_peft=_to_peft, from_peft=_from_peft,

@@ -11,7 +11,7 @@ from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method
 from ..core.surgery import find_targets
 from ..core.registry import register
-from .fourierft import refuse_peft_options
+from ..core.io import refuse_peft_options
 
 # %% auto #0
 __all__ = ['LNTuningConfig', 'LNTuningLayer', 'apply_ln_tuning']
@@ -61,7 +61,7 @@ def _to_peft(config:LNTuningConfig, model:nn.Module)->dict:
                 base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
 
 def _from_peft(cfg:dict)->dict:
-    refuse_peft_options(cfg, dict(exclude_modules=None, modules_to_save=None), "ln-tuning", known=("target_modules",))
+    refuse_peft_options(cfg, "ln-tuning", dict(exclude_modules=None, modules_to_save=None), known=("target_modules",))
     return dict(targets=cfg["target_modules"])
 
 @register("ln-tuning", category="adapter", paper="Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning",

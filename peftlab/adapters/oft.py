@@ -6,18 +6,16 @@
 from __future__ import annotations
 import math
 from dataclasses import dataclass, field
-from importlib import metadata
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, adapters, record_method, applied_method, dense_weight
 from ..core.registry import register
-from ..core.io import adapter_state, _copy_in, PREFIX
+from ..core.io import adapter_state, _copy_in, PREFIX, refuse_peft_options, peft_option_error, peft_version
 from .lora import adapter_dtype
 
 # %% auto #0
-__all__ = ['PEFT_UNSUPPORTED', 'OFTConfig', 'skew', 'cayley', 'project_coft', 'OFTRotation', 'multiplicative_dropout',
-           'OFTLinear', 'apply_oft', 'peft_option_error', 'refuse_peft_options', 'peft_version', 'save_oft', 'load_oft',
-           'hyperspherical_energy', 'neuron_angle_change']
+__all__ = ['OFT_UNSUPPORTED', 'OFTConfig', 'skew', 'cayley', 'project_coft', 'OFTRotation', 'multiplicative_dropout', 'OFTLinear',
+           'apply_oft', 'save_oft', 'load_oft', 'hyperspherical_energy', 'neuron_angle_change']
 
 # %% ../../nbs/adapters/25_oft.ipynb #8bace662
 @dataclass
@@ -157,24 +155,8 @@ def apply_oft(model:nn.Module, config:OFTConfig)->nn.Module:
     return record_method(model, "oft", config)
 
 # %% ../../nbs/adapters/25_oft.ipynb #4956d477
-PEFT_UNSUPPORTED = dict(bias="none", fan_in_fan_out=False, modules_to_save=None, layers_to_transform=None,
-                        layers_pattern=None, exclude_modules=None, trainable_token_indices=None)  # option -> the only value taken
-
-def peft_option_error(cfg:dict, method:str, key:str, value)->ValueError:
-    "The error for a PEFT config whose `key` peftlab's `method` does not support: the option, its value, PEFT's version."
-    return ValueError(f"PEFT {cfg.get('peft_type')} option {key}={value!r} (file written by PEFT "
-                      f"{cfg.get('peft_version') or 'before 0.18'}) is not supported by peftlab's {method}; "
-                      "nothing was changed: retrain without it, or load the file with PEFT")
-
-def refuse_peft_options(cfg:dict, method:str):
-    "Raise `peft_option_error` if a PEFT config sets one of `PEFT_UNSUPPORTED` to another value."
-    for key, ok in PEFT_UNSUPPORTED.items():
-        if (value := cfg.get(key, ok)) not in (ok, None, [], {}, "none", False): raise peft_option_error(cfg, method, key, value)
-
-def peft_version()->str:
-    "The installed PEFT's version (the files follow its layout), or the first version with this layout."
-    try: return metadata.version("peft")
-    except metadata.PackageNotFoundError: return "0.18.0"
+OFT_UNSUPPORTED = dict(bias="none", fan_in_fan_out=False, modules_to_save=None, layers_to_transform=None,
+                       layers_pattern=None, exclude_modules=None, trainable_token_indices=None)  # option -> the only value taken (BOFT, HRA too)
 
 def _model_name(model:nn.Module): return getattr(getattr(model, "config", None), "name_or_path", None)
 
@@ -187,10 +169,12 @@ def _to_peft(config:OFTConfig, model:nn.Module)->dict:
                 modules_to_save=None, inference_mode=True, peft_version=peft_version(), base_model_name_or_path=_model_name(model))
 
 def _from_peft(cfg:dict)->dict:
-    refuse_peft_options(cfg, "oft")
-    if "oft_block_size" not in cfg: raise peft_option_error(cfg, "oft", "oft_block_size", "missing (OFT before PEFT 0.14)")
+    refuse_peft_options(cfg, "oft", OFT_UNSUPPORTED)
+    if "oft_block_size" not in cfg: raise peft_option_error(cfg, "oft", "oft_block_size", "missing (OFT before PEFT 0.14)",
+                                                            "train and save it again with PEFT 0.14 or later")
     neumann, terms = cfg.get("use_cayley_neumann", False), cfg.get("num_cayley_neumann_terms", 5)
-    if neumann and terms < 4: raise peft_option_error(cfg, "oft", "num_cayley_neumann_terms", terms)   # PEFT's series differs from the paper's there
+    if neumann and terms < 4:   # PEFT's series differs from the paper's there
+        raise peft_option_error(cfg, "oft", "num_cayley_neumann_terms", terms, "train it with num_cayley_neumann_terms >= 4")
     return dict(block_size=cfg["oft_block_size"], r=cfg.get("r", 0), module_dropout=cfg.get("module_dropout", 0.0),
                 coft=cfg.get("coft", False), eps=cfg.get("eps", 6e-5), block_share=cfg.get("block_share", False),
                 use_cayley_neumann=neumann, num_cayley_neumann_terms=cfg.get("num_cayley_neumann_terms", 5),

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from ..core.adapter import LayerAdapter, inject, record_method, dense_weight
 from ..core.surgery import find_targets, check_types, replace_module
 from ..core.registry import register
-from .fourierft import refuse_peft_options
+from ..core.io import refuse_peft_options
 
 # %% auto #0
 __all__ = ['TrainableTokensConfig', 'TrainableTokensLayer', 'TiedTrainableTokens', 'apply_trainable_tokens']
@@ -128,7 +128,7 @@ def _to_peft(config:TrainableTokensConfig, model:nn.Module)->dict:
                 base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
 
 def _from_peft(cfg:dict)->dict:
-    refuse_peft_options(cfg, {}, "trainable-tokens", known=("token_indices", "target_modules", "init_weights"))
+    refuse_peft_options(cfg, "trainable-tokens", {}, known=("token_indices", "target_modules", "init_weights"))
     return dict(token_indices=list(cfg["token_indices"]), targets=cfg.get("target_modules"), init_weights=cfg.get("init_weights", True))
 
 def _load_state(model:nn.Module, state:dict[str,torch.Tensor]):

@@ -5,6 +5,7 @@
 # %% ../../nbs/core/07_io.ipynb #54bc22c0
 from __future__ import annotations
 import json, os, tempfile, dataclasses
+from importlib import metadata
 from pathlib import Path
 import torch
 from torch import nn
@@ -16,9 +17,9 @@ from .named import add_adapter, adapter_names, check_names, delete_adapter, only
 from .distributed import full_tensor, is_main_process
 
 # %% auto #0
-__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'adapter_tensors', 'adapter_state', 'config_to_dict', 'config_json',
-           'atomic_write', 'saved_state', 'save_adapter', 'read_adapter', 'method_for', 'load_adapter',
-           'hotswap_adapter']
+__all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'PEFT_COMMON_OPTIONS', 'adapter_tensors', 'adapter_state', 'config_to_dict',
+           'config_json', 'atomic_write', 'saved_state', 'save_adapter', 'read_adapter', 'method_for', 'load_adapter',
+           'peft_version', 'peft_option_error', 'refuse_peft_options', 'hotswap_adapter']
 
 # %% ../../nbs/core/07_io.ipynb #37766f7d
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -218,6 +219,45 @@ def load_adapter(base:nn.Module,            # the base model, changed in place
         for n in reversed(done): delete_adapter(base, n)
         raise
     return base
+
+
+# %% ../../nbs/core/07_io.ipynb #d5f118fc
+PEFT_COMMON_OPTIONS = ("peft_type", "task_type", "inference_mode", "auto_mapping", "peft_version", "base_model_name_or_path", "revision")
+
+def peft_version()->str:
+    "The installed PEFT's version, written into the files peftlab saves in its layout; else the first that records one."
+    try: return metadata.version("peft")
+    except metadata.PackageNotFoundError: return "0.18.0"
+
+def _written_by(cfg:dict)->str:
+    return f"PEFT {cfg['peft_version']}" if cfg.get("peft_version") else "PEFT before 0.18, which did not record its version"
+
+def peft_option_error(cfg:dict,    # the PEFT adapter_config.json
+                      method:str,  # peftlab's name for the method
+                      option:str,  # the option it does not support
+                      value,       # the option's value in `cfg`
+                      fix:str="save the adapter without it",  # what to do instead
+                     )->ValueError:
+    "The error for a PEFT file `method` cannot load: the option, its value, the PEFT that wrote it, and what to do."
+    return ValueError(f"PEFT {cfg.get('peft_type')} option {option}={value!r} (written by {_written_by(cfg)}) is not supported "
+                      f"by peftlab's {method}; nothing was loaded: {fix}, or load the file with PEFT itself")
+
+def _unset(value, default)->bool:
+    "Whether `value` leaves an option as PEFT's `default`: equal to it, None, or empty."
+    return value is None or value == default or (isinstance(value, (list, dict, set, tuple)) and not value)
+
+def _fix(option:str, default)->str:
+    return "save the adapter without it" if _unset(default, None) else f"save the adapter with {option}={default!r} (PEFT's default)"
+
+def refuse_peft_options(cfg:dict,          # a PEFT adapter_config.json
+                        method:str,        # peftlab's name for the method, for the message
+                        unsupported:dict,  # option -> the value the method behaves as (PEFT's default)
+                        known:tuple=(),    # the options the method reads; given, any other option set is refused too
+                       ):
+    "Raise `peft_option_error` for the first option set in `cfg` that `method` does not support; else nothing."
+    others = {k: None for k in cfg if known and k not in (*known, *unsupported, *PEFT_COMMON_OPTIONS)}   # e.g. from a newer PEFT
+    for k, default in {**unsupported, **others}.items():
+        if not _unset(cfg.get(k), default): raise peft_option_error(cfg, method, k, cfg[k], _fix(k, default))
 
 
 # %% ../../nbs/core/07_io.ipynb #7b1c0e02
