@@ -4,17 +4,17 @@
 
 # %% ../../nbs/core/03_registry.ipynb #1d028456
 from __future__ import annotations
-import dataclasses, difflib, importlib, numbers, operator, pkgutil, types, typing
+import dataclasses, difflib, importlib, numbers, operator, pkgutil, sys, types, typing
 from dataclasses import dataclass, fields
 from typing import Any, Callable, Literal
 import pandas as pd
 from torch import nn
 
 # %% auto #0
-__all__ = ['METHODS', 'METHOD_PACKAGES', 'NOT_APPLIED', 'canonical_name', 'did_you_mean', 'MethodTable', 'UnknownName', 'Method',
-           'register', 'discover', 'get_method', 'methods', 'methods_markdown', 'range_text', 'describe', 'NoFit',
-           'convert', 'check_option', 'config_from', 'method_config', 'build_config', 'check_applicable', 'apply',
-           'method_callbacks']
+__all__ = ['METHODS', 'PACKAGE_METHODS', 'METHOD_PACKAGES', 'NOT_APPLIED', 'canonical_name', 'did_you_mean', 'MethodTable',
+           'UnknownName', 'Method', 'register', 'discover', 'get_method', 'methods', 'methods_markdown', 'range_text',
+           'describe', 'NoFit', 'convert', 'check_option', 'config_from', 'method_config', 'build_config',
+           'check_applicable', 'apply', 'method_callbacks']
 
 # %% ../../nbs/core/03_registry.ipynb #6b1e2f3a
 def canonical_name(name:str)->str:
@@ -56,6 +56,7 @@ class Method:
     callbacks: Callable|None = None  # config -> list of `fit` callbacks the method trains with (AdaLoRA's budget, ...)
 
 METHODS: dict[str, Method] = MethodTable()
+PACKAGE_METHODS: dict[str, Method] = {}   # each method as peftlab's own module registered it
 
 def register(name:str, *, category:str, paper:str, config:type, peft:str|None=None,
              to_peft:Callable|None=None, from_peft:Callable|None=None,
@@ -65,6 +66,7 @@ def register(name:str, *, category:str, paper:str, config:type, peft:str|None=No
     def deco(fn):
         m = Method(canonical_name(name), category, paper, config, fn, peft, to_peft, from_peft, save_state, load_state, callbacks)
         METHODS[m.name] = m
+        if fn.__module__.startswith("peftlab."): PACKAGE_METHODS[m.name] = m
         return fn
     return deco
 
@@ -83,7 +85,18 @@ def get_method(name:str)->Method:
     if name not in METHODS: discover()
     if name not in METHODS:
         raise UnknownName(f"unknown method {name!r}{did_you_mean(canonical_name(name), METHODS)}; methods() lists all {len(METHODS)}")
-    return METHODS[name]
+    m = METHODS[name]
+    if _from_another_notebook(m):   # that notebook's copy: its classes and tables are not this one's
+        if m.name not in PACKAGE_METHODS: discover()
+        m = PACKAGE_METHODS.get(m.name, m)
+    return m
+
+def _from_another_notebook(m:Method)->bool:
+    "Whether a notebook other than the running one registered `m` (nbdev_test runs many notebooks in one process)."
+    if m.apply.__module__ != "__main__": return False
+    ishell = sys.modules.get("IPython.core.interactiveshell")
+    shell = ishell.InteractiveShell._instance if ishell else None
+    return shell is not None and getattr(m.apply, "__globals__", None) is not shell.user_global_ns
 
 # %% ../../nbs/core/03_registry.ipynb #69d4da04
 def methods(category:str|None=None)->pd.DataFrame:
