@@ -6,6 +6,7 @@ from peftlab.core.registry import apply
 from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
+from peft_roundtrip import perturb, inputs
 
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -37,19 +38,6 @@ def ln_case(seed):
 
 CASES = [fourierft_case(s) for s in range(4)] + [tokens_case(s) for s in range(3)] + [ln_case(s) for s in range(3)]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
-
-def perturb(model, seed=0):
-    "Give every trainable tensor random, non-trivial values."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad: p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
-
-def inputs():
-    x = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(x); mask[0, :2] = 0   # left padding on one row
-    return dict(input_ids=x, attention_mask=mask)
 
 def logits(model): return model(**inputs()).logits
 

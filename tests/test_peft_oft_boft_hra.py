@@ -6,6 +6,7 @@ from peftlab.core.registry import apply, METHODS, discover
 from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
+from peft_roundtrip import perturb, inputs
 
 discover()
 
@@ -49,19 +50,6 @@ CASES = [
 if "boft" in METHODS: CASES += [("boft", dict(block_size=4, n_butterfly_factor=2), lambda: peft.BOFTConfig(boft_block_size=4, boft_n_butterfly_factor=2, target_modules="all-linear")),
                                 *[boft_case(random.Random(seed)) for seed in range(3)]]
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
-
-def perturb(model, seed=0, std=0.1):
-    "Give every trainable tensor random, non-trivial values."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad: p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
-
-def inputs():
-    x = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(x); mask[0, :2] = 0   # left padding on one row
-    return dict(input_ids=x, attention_mask=mask)
 
 @pytest.mark.parametrize("name,kw,peft_cfg", CASES, ids=IDS)
 def test_peft_loads_ours(name, kw, peft_cfg):

@@ -9,13 +9,7 @@ from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.surgery import trainable_report
 from peftlab.core.testing import assert_close
-
-def perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad: p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model
+from peft_roundtrip import perturb
 
 X = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
 

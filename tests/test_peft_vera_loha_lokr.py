@@ -6,6 +6,7 @@ from peftlab.core.registry import apply
 from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
+from peft_roundtrip import perturb as _perturb, inputs
 
 TARGETS = [["q_proj", "v_proj"], ["k_proj", "down_proj"], "all-linear", ["o_proj", "gate_proj", "up_proj"]]
 
@@ -36,18 +37,7 @@ def seeded_cases(make, n, seed):
 CASES = seeded_cases(vera_case, 4, seed=2) + seeded_cases(loha_case, 4, seed=0) + seeded_cases(lokr_case, 5, seed=0)
 IDS = [f"{c[0]}-{i}" for i, c in enumerate(CASES)]
 
-def perturb(model, seed=0):
-    "Give every trainable tensor random, non-trivial values."
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad: p.add_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()   # dropout off: the outputs are comparable
-
-def inputs():
-    x = torch.randint(3, 1000, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(x); mask[0, :2] = 0   # left padding on one row
-    return dict(input_ids=x, attention_mask=mask)
+def perturb(model, seed=0): return _perturb(model, seed).eval()   # dropout off: the outputs are comparable
 
 @pytest.mark.parametrize("name,kw,peft_cfg", CASES, ids=IDS)
 def test_peft_loads_ours(name, kw, peft_cfg, tmp_path):
