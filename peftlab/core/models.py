@@ -31,7 +31,8 @@ def _publish(tmp:Path, dest:Path):
 # %% ../../nbs/core/01_models.ipynb #a037bc67
 TINY_LLAMA = dict(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+                  rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                  pad_token_id=0)  # <|endoftext|>: a pad of its own, so the eos row is neither zeroed nor frozen
 
 def tiny_llama(seed:int=0,             # seeds the random weights
                dtype:torch.dtype=torch.float32,

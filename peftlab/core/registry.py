@@ -262,7 +262,9 @@ NOT_APPLIED = dict(  # category -> where its methods go instead of `apply` ({n}:
     scheme="a training scheme: pass it to fit(callbacks=[{n!r}]) or make_scheme(model, {n!r})",
     compression="a compression of trained updates: pass a state dict of task vectors to compress(state_dict, ...) (peftlab.quant.compeft)",
     merge="a merge rule: pass it to merge_tensors(tensors, weights, {n!r}) or merge_models(base, models, method={n!r}) "
-          "(a merge method that is not a rule is a function of peftlab.merge: see its notebook)")
+          "(a merge method that is not a rule is a function of peftlab.merge: see its notebook)",
+    data="a data selector: pass it to select(examples, {n!r}, budget, model=...) (peftlab.data)",
+    analysis="an analysis of a model or its update: call its function in peftlab.analysis (see its notebook)")
 
 def check_applicable(m:Method):
     "Raise unless `apply` can put method `m` on a model."
