@@ -85,8 +85,10 @@ def register_lora_init(name:str, needs_data:bool=False, peft:Any=True, paper:str
     "Decorator: register `fn(model, layers, config)` as LoRA init `name` (and, with a `paper`, as method `name`)."
     def deco(fn):
         LORA_INITS[name] = LoraInit(fn, needs_data, peft)
-        if paper: register(name, category="init", paper=paper, config=LoraConfig,
-                           peft=f"LORA (init_lora_weights={peft!r})")(partial(apply_with_init, name))
+        if paper:
+            apply = partial(apply_with_init, name)
+            apply.__module__ = fn.__module__  # the init's own module, so the registry knows where it is defined
+            register(name, category="init", paper=paper, config=LoraConfig, peft=f"LORA (init_lora_weights={peft!r})")(apply)
         return fn
     return deco
 

@@ -12,7 +12,7 @@ import pandas as pd
 
 # %% auto #0
 __all__ = ['VERDICTS', 'Claim', 'nbs_root', 'ledger_path', 'validate_claim', 'record_claim', 'ledger', 'ledger_markdown',
-           'claim_calls', 'check_ledger']
+           'method_notebook', 'method_verdicts', 'claim_calls', 'check_ledger']
 
 # %% ../../nbs/core/17_claims.ipynb #99bfb57f
 VERDICTS = ("held", "partly", "did not hold")
@@ -119,7 +119,9 @@ def record_claim(id:str,              # a short name, unique within the notebook
 def ledger(path:str|Path|None=None)->pd.DataFrame:
     "Every recorded claim, one row each, sorted by notebook and id."
     path = Path(path) if path else ledger_path()
-    entries = json.loads(path.read_text()) if path.exists() else []
+    entries = []
+    if path.exists():
+        with _locked(path) as f: entries = _read(f)  # under the lock: a notebook running beside us may be rewriting it
     cols = list(Claim.__dataclass_fields__)
     return pd.DataFrame([Claim(**e).__dict__ for e in entries], columns=cols)
 
@@ -131,6 +133,24 @@ def ledger_markdown(path:str|Path|None=None)->str:
         rows.append("| " + " | ".join(esc(v) for v in (c.paper, c.claim, c.setting, _fmt_numbers(c.numbers), f"**{c.verdict}**",
                                                         f"[{c.notebook}](nbs/{c.notebook})")) + " |")
     return "\n".join(rows)
+
+# %% ../../nbs/core/17_claims.ipynb #565b8023
+def method_notebook(name:str)->str|None:
+    "The notebook (relative to nbs/) that defines registered method `name`, or None for a name not registered by peftlab."
+    import sys
+    from peftlab.core.registry import PACKAGE_METHODS, canonical_name, discover
+    discover()
+    m = PACKAGE_METHODS.get(canonical_name(name))
+    if m is None: return None
+    head = Path(sys.modules[m.apply.__module__].__file__).read_text(encoding="utf-8").splitlines()[:5]
+    hit = next((re.search(r"File to edit: (?:\.\./)*nbs/(\S+?\.ipynb)", l) for l in head if "File to edit" in l), None)
+    return hit.group(1) if hit else None
+
+def method_verdicts(name:str, path:str|Path|None=None)->str:
+    "The verdicts recorded in method `name`'s notebook, counted (`'2 held, 1 partly'`); '—' when it records none."
+    nb, t = method_notebook(name), ledger(path)
+    counts = t[t.notebook == nb].verdict.value_counts() if nb else {}
+    return ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts) or "—"
 
 # %% ../../nbs/core/17_claims.ipynb #1a44b0a2
 def _calls(source:str):

@@ -137,7 +137,11 @@ def lowrank_family(steps:int, lr:float=2e-3)->dict:
              "kasa": dict(options=r8), "hydra": dict(options=dict(r=4)), "lamda": dict(options=dict(r=8, freeze_b_steps=steps // 2)),
              "tlora": dict(options=r8), "lora-ggpo": dict(options=r8), "lofit": dict(options=dict(select_step=steps // 2), lr=1e-2),
              "lora-xs": dict(options=dict(r=32)), "lora-sb": dict(options=dict(r=32, init_data="calibration", init_options=dict(lr=lr * lr_lambda("cosine", steps)(0)))), "slora": dict(options=r8), "inttune": dict(options=r8),
-             "diffora": dict(), "flexora": dict(), "triadaptlora": dict(), "bayesian-lora": dict()}
+             "diffora": dict(), "flexora": dict(), "triadaptlora": dict(), "bayesian-lora": dict(),
+             "vera": dict(options=dict(r=256), lr=2e-2), "loha": dict(options=dict(r=4)), "lokr": dict(options=r8),
+             "oft": dict(options=dict(block_size=32)), "boft": dict(options=dict(block_size=8, n_butterfly_factor=2)),
+             "hra": dict(options=dict(r=16)), "fourierft": dict(options=dict(n_frequency=1000), lr=1e-1), "ln-tuning": dict(lr=5e-2),
+             "trainable-tokens": dict(options=dict(token_indices=[42, 216, 2504, 1462, 1850, 2240]), lr=3e-2)}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)
     return runs

@@ -8,16 +8,16 @@ import random, warnings
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, Sequence
 import torch
 from torch.utils.data import DataLoader
 
 # %% auto #0
-__all__ = ['WORDS', 'MONTHS', 'FIRST', 'CITIES', 'SENTENCES', 'SYLLABLES', 'TRADES', 'PETS', 'QUESTIONS', 'TASKS', 'pack_rows',
-           'FILE_TYPES', 'DEMO', 'Task', 'distinct', 'sampled_task', 'arithmetic', 'reverse_words', 'sort_numbers',
-           'iso_date', 'record_format', 'fictional_word', 'fictional_people', 'fictional_facts', 'get_task',
-           'token_ids', 'prompt_ids', 'answer_ids', 'encode_example', 'collate', 'supervises', 'pack', 'sft_loader',
-           'load_examples']
+__all__ = ['WORDS', 'MONTHS', 'FIRST', 'CITIES', 'SENTENCES', 'SYLLABLES', 'TRADES', 'PETS', 'QUESTIONS', 'TASKS', 'FILE_TYPES',
+           'DEMO', 'Task', 'distinct', 'sampled_task', 'arithmetic', 'reverse_words', 'sort_numbers', 'iso_date',
+           'record_format', 'fictional_word', 'fictional_people', 'fictional_facts', 'get_task', 'token_ids',
+           'prompt_ids', 'answer_ids', 'encode_example', 'collate', 'supervises', 'pack_examples', 'segment_ids',
+           'block_causal_mask', 'collate_packed', 'sft_loader', 'load_examples']
 
 # %% ../../nbs/core/05_data.ipynb #91a9bf50
 @dataclass
@@ -182,28 +182,72 @@ def encode_example(example:dict,   # {"prompt": str, "answer": str}
 
 # %% ../../nbs/core/05_data.ipynb #a7843b44
 def collate(batch:list[dict], pad_id:int)->dict[str, torch.Tensor]:
-    "Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` LongTensors."
+    "Right-pad encoded examples into `input_ids`, `attention_mask` and `labels` LongTensors (packed rows: `collate_packed`)."
+    if "position_ids" in batch[0]: return collate_packed(batch, pad_id)
     T = max(len(b["input_ids"]) for b in batch)
     def pad(xs, v): return torch.tensor([x + [v] * (T - len(x)) for x in xs], dtype=torch.long)  # (B, T)
     return dict(input_ids=pad([b["input_ids"] for b in batch], pad_id),
                 attention_mask=pad([[1] * len(b["input_ids"]) for b in batch], 0),
                 labels=pad([b["labels"] for b in batch], -100))
 
-# %% ../../nbs/core/05_data.ipynb #8e131b80
+# %% ../../nbs/core/05_data.ipynb #e45f6c06
 def supervises(row:dict)->bool:
     "Whether `row` has a label to predict (the first position never is one after the causal shift)."
     return any(l != -100 for l in row["labels"][1:])
 
-def pack(encoded:list[dict],  # outputs of `encode_example`
-         max_len:int,         # tokens per packed row
-        )->list[dict]:
-    "Concatenate encoded examples and cut them into rows of `max_len` tokens (the last may be shorter)."
-    ids = [t for e in encoded for t in e["input_ids"]]
-    labels = [l for e in encoded for l in e["labels"]]
-    rows = [dict(input_ids=ids[i:i + max_len], labels=labels[i:i + max_len]) for i in range(0, len(ids), max_len)]
-    return [r for r in rows if supervises(r)]
+def pack_examples(encoded:Sequence[dict],  # {"input_ids", "labels"} lists, as `encode_example` makes them
+                  max_len:int,             # tokens per row at most
+                 )->list[dict]:            # rows: input_ids, labels, position_ids, seq_lengths
+    "Examples packed into rows by best-fit decreasing; positions restart and the first label of each example is -100."
+    if max_len < 2: raise ValueError(f"max_len={max_len}: a row needs room for at least 2 tokens")
+    if bad := [i for i, e in enumerate(encoded) if not {"input_ids", "labels"} <= set(e) or len(e["input_ids"]) != len(e["labels"])]:
+        raise ValueError(f"examples {bad[:5]} need input_ids and labels of one length (encode_example makes them)")
+    if long := sum(len(e["input_ids"]) > max_len for e in encoded):
+        warnings.warn(f"{long} example(s) are longer than max_len={max_len} and were cut to it: raise max_len to keep them whole")
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))  # stable: ties keep their order
+    rows, free = [], []
+    for i in order:
+        n = min(len(encoded[i]["input_ids"]), max_len)
+        fits = [r for r in range(len(rows)) if free[r] >= n]
+        r = min(fits, key=lambda r: (free[r], r)) if fits else len(rows)
+        if r == len(rows): rows.append([]); free.append(max_len)
+        rows[r].append(i); free[r] -= n
+    return [_row([encoded[i] for i in row], max_len) for row in rows]
 
-pack_rows = pack  # the same function, under a name `sft_loader`'s `pack` flag does not hide
+def _row(examples:list[dict], max_len:int)->dict:
+    ids, labels, pos, lengths = [], [], [], []
+    for e in examples:
+        x, y = list(e["input_ids"][:max_len]), list(e["labels"][:max_len])
+        ids += x; labels += [-100] + y[1:]; pos += list(range(len(x))); lengths.append(len(x))
+    return dict(input_ids=ids, labels=labels, position_ids=pos, seq_lengths=lengths)
+
+# %% ../../nbs/core/05_data.ipynb #ebcff532
+def segment_ids(position_ids:torch.Tensor)->torch.Tensor:
+    "Which example each token belongs to, from position ids that restart at 0: (B, T) -> (B, T)."
+    return (position_ids == 0).long().cumsum(-1)
+
+def block_causal_mask(position_ids:torch.Tensor, dtype:torch.dtype=torch.float32)->torch.Tensor:
+    "The additive (B, 1, T, T) mask: 0 where a token may attend (same example, not later), the dtype's minimum elsewhere."
+    seg = segment_ids(position_ids)
+    T = seg.shape[-1]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
+    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+def collate_packed(rows:Sequence[dict],                       # `pack_examples` rows
+                   pad_id:int,
+                   mask:Literal["positions", "4d"]="positions",  # let the model find the boundaries, or give it the 4-D mask
+                   dtype:torch.dtype=torch.float32,           # the 4-D mask's dtype: the model's
+                  )->dict:
+    "A batch of packed rows: position ids restart per example; attention stays inside each example."
+    if mask not in ("positions", "4d"): raise ValueError(f"mask={mask!r}: choose 'positions' or '4d'")
+    T = max(len(r["input_ids"]) for r in rows)
+    pad = lambda r, k, v: list(r[k]) + [v] * (T - len(r[k]))
+    batch = dict(input_ids=torch.tensor([pad(r, "input_ids", pad_id) for r in rows]),
+                 labels=torch.tensor([pad(r, "labels", -100) for r in rows]),
+                 position_ids=torch.tensor([list(r["position_ids"]) + list(range(T - len(r["position_ids"]))) for r in rows]))
+    if mask == "4d": batch["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
+    else: batch["use_cache"] = False   # a cache turns transformers' packed-sequence detection off
+    return batch
 
 # %% ../../nbs/core/05_data.ipynb #017fe328
 def sft_loader(examples:list[dict],   # {"prompt", "answer"} examples
@@ -212,7 +256,7 @@ def sft_loader(examples:list[dict],   # {"prompt", "answer"} examples
                shuffle:bool=True,
                seed:int=0,            # seeds the shuffling
                max_len:int=256,       # cut longer examples; the row length when packing
-               pack:bool=False,       # pack examples into rows of `max_len` tokens
+               pack:bool=False,       # pack examples into rows of at most `max_len` tokens, each seeing only itself
               )->DataLoader:
     "Batches of `input_ids`, `attention_mask` and `labels` (prompt masked) for supervised fine-tuning."
     rows = [r for r in (encode_example(e, tokenizer, max_len) for e in examples) if supervises(r)]
@@ -220,7 +264,7 @@ def sft_loader(examples:list[dict],   # {"prompt", "answer"} examples
     if len(rows) < len(examples):
         warnings.warn(f"{len(examples) - len(rows)} of {len(examples)} examples have no answer token within "
                       f"max_len={max_len} and were dropped: raise max_len")
-    if pack: rows = pack_rows(rows, max_len)
+    if pack: rows = pack_examples(rows, max_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=partial(collate, pad_id=pad_id),
                       generator=torch.Generator().manual_seed(seed))

@@ -4,69 +4,15 @@
 
 # %% ../../nbs/objectives/02_packing.ipynb #9e9f6435
 from __future__ import annotations
-import warnings
-from typing import Literal, Sequence
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 # %% auto #0
-__all__ = ['pack_examples', 'segment_ids', 'block_causal_mask', 'collate_packed', 'segment_losses']
+__all__ = ['segment_losses']
 
 # %% ../../nbs/objectives/02_packing.ipynb #969b1ad6
-def pack_examples(encoded:Sequence[dict],  # {"input_ids", "labels"} lists, as `encode_example` makes them
-                  max_len:int,             # tokens per row at most
-                 )->list[dict]:            # rows: input_ids, labels, position_ids, seq_lengths
-    "Examples packed into rows by best-fit decreasing; positions restart and the first label of each example is -100."
-    if max_len < 2: raise ValueError(f"max_len={max_len}: a row needs room for at least 2 tokens")
-    if bad := [i for i, e in enumerate(encoded) if not {"input_ids", "labels"} <= set(e) or len(e["input_ids"]) != len(e["labels"])]:
-        raise ValueError(f"examples {bad[:5]} need input_ids and labels of one length (encode_example makes them)")
-    if long := sum(len(e["input_ids"]) > max_len for e in encoded):
-        warnings.warn(f"{long} example(s) are longer than max_len={max_len} and were cut to it: raise max_len to keep them whole")
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]["input_ids"]))  # stable: ties keep their order
-    rows, free = [], []
-    for i in order:
-        n = min(len(encoded[i]["input_ids"]), max_len)
-        fits = [r for r in range(len(rows)) if free[r] >= n]
-        r = min(fits, key=lambda r: (free[r], r)) if fits else len(rows)
-        if r == len(rows): rows.append([]); free.append(max_len)
-        rows[r].append(i); free[r] -= n
-    return [_row([encoded[i] for i in row], max_len) for row in rows]
-
-def _row(examples:list[dict], max_len:int)->dict:
-    ids, labels, pos, lengths = [], [], [], []
-    for e in examples:
-        x, y = list(e["input_ids"][:max_len]), list(e["labels"][:max_len])
-        ids += x; labels += [-100] + y[1:]; pos += list(range(len(x))); lengths.append(len(x))
-    return dict(input_ids=ids, labels=labels, position_ids=pos, seq_lengths=lengths)
-
-# %% ../../nbs/objectives/02_packing.ipynb #b2bf6bce
-def segment_ids(position_ids:torch.Tensor)->torch.Tensor:
-    "Which example each token belongs to, from position ids that restart at 0: (B, T) -> (B, T)."
-    return (position_ids == 0).long().cumsum(-1)
-
-def block_causal_mask(position_ids:torch.Tensor, dtype:torch.dtype=torch.float32)->torch.Tensor:
-    "The additive (B, 1, T, T) mask: 0 where a token may attend (same example, not later), the dtype's minimum elsewhere."
-    seg = segment_ids(position_ids)
-    T = seg.shape[-1]
-    allowed = (seg[:, :, None] == seg[:, None, :]) & torch.ones(T, T, dtype=torch.bool, device=seg.device).tril()
-    return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
-
-def collate_packed(rows:Sequence[dict],                       # `pack_examples` rows
-                   pad_id:int,
-                   mask:Literal["positions", "4d"]="positions",  # let the model find the boundaries, or give it the 4-D mask
-                   dtype:torch.dtype=torch.float32,           # the 4-D mask's dtype: the model's
-                  )->dict:
-    "A batch of packed rows: position ids restart per example; attention stays inside each example."
-    if mask not in ("positions", "4d"): raise ValueError(f"mask={mask!r}: choose 'positions' or '4d'")
-    T = max(len(r["input_ids"]) for r in rows)
-    pad = lambda r, k, v: list(r[k]) + [v] * (T - len(r[k]))
-    batch = dict(input_ids=torch.tensor([pad(r, "input_ids", pad_id) for r in rows]),
-                 labels=torch.tensor([pad(r, "labels", -100) for r in rows]),
-                 position_ids=torch.tensor([list(r["position_ids"]) + list(range(T - len(r["position_ids"]))) for r in rows]))
-    if mask == "4d": batch["attention_mask"] = block_causal_mask(batch["position_ids"], dtype)
-    else: batch["use_cache"] = False   # a cache turns transformers' packed-sequence detection off
-    return batch
+from ..core.data import pack_examples, segment_ids, block_causal_mask, collate_packed  # defined in core.data, used by `sft_loader(pack=True)`
 
 # %% ../../nbs/objectives/02_packing.ipynb #513139ae
 def segment_losses(model:nn.Module, batch:dict)->list[float]:
