@@ -141,7 +141,7 @@ def _no_cache(model:nn.Module):
     for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
         if cfg is not None and hasattr(cfg, "use_cache"): cfg.use_cache = False
 
-@register("xlora", category="adapter", config=XLoraConfig,
+@register("xlora", category="adapter", config=XLoraConfig, peft="XLORA",
           paper="X-LoRA: Mixture of Low-Rank Adapter Experts, a Flexible Framework for Large Language Models with Applications in Protein Mechanics and Molecular Design")
 def apply_xlora(model:nn.Module, config:XLoraConfig)->nn.Module:
     "Slots for `n_adapters` frozen LoRAs on `targets` (zero: fill them with `xlora`, or `load_adapter`) and a trainable classifier."
