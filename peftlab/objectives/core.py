@@ -17,9 +17,9 @@ from ..core.data import prompt_ids, TASKS
 
 # %% auto #0
 __all__ = ['FIELDS', 'MODEL_INPUTS', 'PARSERS', 'ROLLOUT_FIELDS', 'register_objective', 'check_fields', 'log_metrics',
-           'Objective', 'token_logprobs', 'sequence_logprobs', 'completion_mask', 'policy_logprobs',
-           'reference_logprobs', 'preference_batch', 'Samples', 'sample', 'exact_match', 'task_reward', 'score',
-           'reward_stats', 'Rollouts', 'RolloutLog', 'rollout_fit']
+           'Objective', 'token_logprobs', 'sequence_logprobs', 'completion_mask', 'model_logits', 'policy_logprobs',
+           'reference_logits', 'reference_logprobs', 'preference_batch', 'Samples', 'sample', 'exact_match',
+           'task_reward', 'score', 'reward_stats', 'Rollouts', 'RolloutLog', 'rollout_fit']
 
 # %% ../../nbs/objectives/00_core.ipynb #32109817
 def register_objective(name:str, *, paper:str, config:type):
@@ -99,12 +99,26 @@ def completion_mask(batch:dict)->torch.Tensor:
 # %% ../../nbs/objectives/00_core.ipynb #b3894274
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
+def model_logits(model:nn.Module, batch:dict)->torch.Tensor:
+    "`model`'s logits of `batch`, (B, T, V), without gradients, in eval mode."
+    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
+    with torch.no_grad(), training_mode(model, False): return model(**inputs, use_cache=False).logits
+
 def policy_logprobs(model:nn.Module, batch:dict, temperature:float=1.0)->torch.Tensor:
     "`model`'s per-token log-probs of `batch`'s completion tokens, (B, T-1), without gradients, in eval mode."
-    inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
-    with torch.no_grad(), training_mode(model, False):
-        logits = model(**inputs, use_cache=False).logits
-    return token_logprobs(logits, batch["input_ids"], completion_mask(batch), temperature)
+    return token_logprobs(model_logits(model, batch), batch["input_ids"], completion_mask(batch), temperature)
+
+def reference_logits(model:nn.Module,                     # the policy being trained
+                     batch:dict,                          # with input_ids (and attention_mask)
+                     ref_model:nn.Module|None=None,       # a separate reference; None: `model` with its adapters disabled
+                    )->torch.Tensor:                      # (B, T, V)
+    "The reference policy's logits: `ref_model`'s, or the base's under `disabled_adapters(model)`."
+    if ref_model is not None: return model_logits(ref_model, batch)
+    if not adapter_names(model):
+        raise ValueError("no reference policy is available: the model has no adapter, so disabling adapters would leave the "
+                         "trained model itself. Apply an adapter before training (pl.apply(model, 'lora')), so that its "
+                         "base is the reference, or pass ref_model=<a frozen copy of the starting model>")
+    with disabled_adapters(model): return model_logits(model, batch)
 
 def reference_logprobs(model:nn.Module,                   # the policy being trained
                        batch:dict,                        # with input_ids, and completion_mask or labels
@@ -112,12 +126,7 @@ def reference_logprobs(model:nn.Module,                   # the policy being tra
                        temperature:float=1.0,
                       )->torch.Tensor:                    # (B, T-1)
     "The reference policy's per-token log-probs: `ref_model`'s, or the base's under `disabled_adapters(model)`."
-    if ref_model is not None: return policy_logprobs(ref_model, batch, temperature)
-    if not adapter_names(model):
-        raise ValueError("no reference policy is available: the model has no adapter, so disabling adapters would leave the "
-                         "trained model itself. Apply an adapter before training (pl.apply(model, 'lora')), so that its "
-                         "base is the reference, or pass ref_model=<a frozen copy of the starting model>")
-    with disabled_adapters(model): return policy_logprobs(model, batch, temperature)
+    return token_logprobs(reference_logits(model, batch, ref_model), batch["input_ids"], completion_mask(batch), temperature)
 
 # %% ../../nbs/objectives/00_core.ipynb #08f78301
 def preference_batch(examples:Sequence[dict],  # {"prompt", "chosen", "rejected"} examples
