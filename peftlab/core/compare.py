@@ -141,7 +141,10 @@ def lowrank_family(steps:int, lr:float=2e-3)->dict:
              "vera": dict(options=dict(r=256), lr=2e-2), "loha": dict(options=dict(r=4)), "lokr": dict(options=r8),
              "oft": dict(options=dict(block_size=32)), "boft": dict(options=dict(block_size=8, n_butterfly_factor=2)),
              "hra": dict(options=dict(r=16)), "fourierft": dict(options=dict(n_frequency=1000), lr=1e-1), "ln-tuning": dict(lr=5e-2),
-             "trainable-tokens": dict(options=dict(token_indices=[42, 216, 2504, 1462, 1850, 2240]), lr=3e-2)}
+             "trainable-tokens": dict(options=dict(token_indices=[42, 216, 2504, 1462, 1850, 2240]), lr=3e-2),
+             "c3a": dict(options=dict(block_size=32, init="zeros"), lr=1e-1), "road": dict(options=dict(variant="road_4"), lr=5 * lr),
+             "delora": dict(options=dict(r=8, delora_lambda=1.0), lr=10 * lr), "vblora": dict(options=dict(r=8, num_vectors=32, vector_length=32)),
+             "gralora": dict(options=dict(r=8, gralora_k=2, alpha=16))}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)
     return runs
