@@ -24,7 +24,14 @@ from .core.named import (adapter_names, active_adapters, set_adapter, disabled_a
 from .core.data import get_task, sft_loader, load_examples
 from .core.train import fit, evaluate, make_optimizer, make_scheme, make_objective
 from .objectives.core import rollout_fit, sample, sequence_logprobs
-from .objectives.packing import pack_examples
+from .objectives.eft import eft_generate
+from .objectives.ewc import consolidate
+from .core.data import pack_examples
+from .data.core import select, Selection, noisy_pool
+from .analysis.core import weight_deltas
+from .analysis.spectrum import spectrum, effective_rank
+from .analysis.intruders import intruder_dimensions
+from .analysis.forgetting import forgetting_matrix
 from .sparse.core import SparseDelta, sparse_delta
 from .optim.core import memory_ledger, MemoryLedger
 from .core.estimate import estimate_memory, MemoryEstimate
