@@ -93,7 +93,7 @@ def test_matches_reference(name, make, lr, eps, wd, steps):
         conditioning = 8 * 2**-24 * abs(loss1.item()) / (2 * eps)
         assert abs(ref.projected_grad - opt.last["projected_grad"]) <= max(1e-6, conditioning), (k, ref.projected_grad, opt.last)
     for (n, a), b in zip(ours.named_parameters(), theirs.parameters()):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-6, msg=lambda m: f"{name}: {n}: {m}")
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=0, atol=1e-5, msg=lambda m: f"{name}: {n}: {m}")  # ZO steps scale last-bit loss differences by 1/2ε
 
 
 def test_perturbation_is_the_references_bit_for_bit():
