@@ -10,7 +10,7 @@ _spec = importlib.util.spec_from_file_location('peftlab_docs', ROOT/'tools'/'doc
 docs = importlib.util.module_from_spec(_spec); _spec.loader.exec_module(docs)
 
 # the front page, a small core notebook (show_doc of the registry), a method notebook with math and a plot
-NOTEBOOKS = ['nbs/index.ipynb', 'nbs/core/03_registry.ipynb', 'nbs/adapters/22_vera.ipynb']
+NOTEBOOKS = ['nbs/index.ipynb', 'nbs/core/03_registry.ipynb', 'nbs/adapters/25_oft.ipynb']
 PLOT = re.compile(r'\.plot\(|plt\.|imshow\(|\.hist\(')
 
 @pytest.fixture(scope='module')
@@ -26,12 +26,12 @@ def page(site, url): return (site.out/url).read_text()
 
 def test_pages(site):
     urls = {p.url for p in site.pages}
-    assert {'index.html', 'methods.html', 'core/registry.html', 'adapters/vera.html'} <= urls, urls
+    assert {'index.html', 'methods.html', 'core/registry.html', 'adapters/oft.html'} <= urls, urls
     assert (site.out/'assets'/'mathjax'/'MathJax.js').exists()
     side = re.search(r'<nav class="sidebar".*?</nav>', page(site, 'core/registry.html'), re.S).group(0)
     assert '<summary>Core</summary>' in side and '<summary>Adapters</summary>' in side
     assert 'Optimisers' not in side                      # only the parts that have pages
-    assert 'href="../adapters/vera.html"' in side and 'href="../index.html"' in side
+    assert 'href="../adapters/oft.html"' in side and 'href="../index.html"' in side
 
 def test_links_resolve(site, tmp_path):
     assert site.problems == []
@@ -60,7 +60,7 @@ def test_plot_cells_have_images(site):
         imgs = re.findall(r'<img src="([^"]+)"', html)
         for i in imgs: assert (site.out/docs.page_of(path)).parent.joinpath(i).stat().st_size > 1000
     assert n_plots >= 1
-    assert re.search(r'<img src="vera_files/figure-\d+\.png"', page(site, 'adapters/vera.html'))
+    assert re.search(r'<img src="oft_files/figure-\d+\.png"', page(site, 'adapters/oft.html'))
 
 def test_show_doc(site):
     from peftlab.core.registry import register, methods_markdown
@@ -85,13 +85,13 @@ def test_methods_page(site):
     from peftlab.core.registry import methods
     html = page(site, 'methods.html')
     for name in methods().name: assert f'<code>{name}</code>' in html, name
-    assert '<a href="adapters/vera.html"><code>vera</code></a>' in html     # linked to its notebook
+    assert '<a href="adapters/oft.html"><code>oft</code></a>' in html     # linked to its notebook
     assert '<a href="adapters/lora.html">' not in html                         # not built here: not linked
     pages = docs.method_pages(docs.notebooks(), list(methods().name))
     assert pages['lora'] == 'adapters/lora.html' and pages['pissa'] == 'init/pissa.html'
 
 def test_math_marked_for_mathjax(site):
-    html = page(site, 'adapters/vera.html')
+    html = page(site, 'adapters/oft.html')
     assert re.search(r'<div class="cell markdown tex2jax_process">[^<]*<p>[^$]*\$[^$]+\$', html)
     assert '<body class="tex2jax_ignore">' in html                           # outputs and code are left alone
 
@@ -112,7 +112,7 @@ def rendered(site, chromium):
     shots = site.out.parent/'screenshots'
     res = {}
     with docs.serve(site.out) as base:
-        for url in ('index.html', 'adapters/vera.html'):
+        for url in ('index.html', 'adapters/oft.html'):
             res[url] = (docs.dump_dom(base + url), docs.screenshot(base + url, shots/(url.replace('/', '_')[:-5] + '.png')))
     print('screenshots:', *(p for _, p in res.values()))
     return res
@@ -131,10 +131,10 @@ def test_front_page_renders(rendered):
     assert _not_blank(png)
 
 def test_notebook_page_renders(rendered):
-    dom, png = rendered['adapters/vera.html']
-    assert '<title>VeRA – peftlab</title>' in dom
-    assert re.search(r'<li class="current"><a href="../adapters/vera.html">VeRA</a>', dom)
-    assert re.search(r'<img src="vera_files/figure-\d+\.png"', dom)
+    dom, png = rendered['adapters/oft.html']
+    assert '<title>OFT – peftlab</title>' in dom
+    assert re.search(r'<li class="current"><a href="../adapters/oft.html">OFT</a>', dom)
+    assert re.search(r'<img src="oft_files/figure-\d+\.png"', dom)
     typeset = re.findall(r'class="MathJax(?:_Display)?"', dom)                  # MathJax ran and typeset the math
     assert len(typeset) >= 5, 'math was not typeset'
     err = re.search(r'class="[^"]*(?:merror|MathJax_Error)[^"]*"', dom)
