@@ -20,9 +20,13 @@ __all__ = ['PrefixTuningConfig', 'kv_shape', 'PrefixEncoder', 'apply_prefix_tuni
 @dataclass
 class PrefixTuningConfig:
     num_virtual_tokens: int = field(default=20, metadata=dict(ge=1))  # n, the prefix length per layer
+    prefix_projection: bool = False         # train P through the paper's MLP reparameterisation (PEFT's option of that name)
+    encoder_hidden_size: int|None = field(default=None, metadata=dict(ge=1))  # the MLP's hidden width; None: the key/value width
 
     def __post_init__(self):
         if self.num_virtual_tokens < 1: raise ValueError(f"num_virtual_tokens={self.num_virtual_tokens}: choose at least 1")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size < 1:
+            raise ValueError(f"encoder_hidden_size={self.encoder_hidden_size}: choose a positive width, or None for the key/value width")
 
 # %% ../../nbs/adapters/06_prefix_tuning.ipynb #8653719b
 def kv_shape(config)->tuple[int,int,int]:
@@ -32,11 +36,20 @@ def kv_shape(config)->tuple[int,int,int]:
     return config.num_hidden_layers, H, D
 
 class PrefixEncoder(nn.Module):
-    "The trainable prefix P, (n, 2·L·H_kv·D), and the cache built from it."
-    def __init__(self, n:int, layers:int, heads:int, head_dim:int, device=None):
+    "The prefix P, (n, 2·L·H_kv·D): trained directly, or (with `hidden`) as MLP(E) from n embeddings E of width H_kv·D."
+    def __init__(self, n:int, layers:int, heads:int, head_dim:int, hidden:int|None=None, device=None):
         super().__init__()
-        self.n, self.shape = n, (layers, heads, head_dim)
-        self.prompt_embeddings = nn.Parameter(torch.randn(n, 2 * layers * heads * head_dim, device=device))  # PEFT: nn.Embedding's N(0, 1)
+        self.n, self.shape, width = n, (layers, heads, head_dim), heads * head_dim
+        if hidden is None:
+            self.weight = nn.Parameter(torch.randn(n, 2 * layers * width, device=device))  # PEFT: nn.Embedding's N(0, 1)
+        else:   # PEFT's PrefixEncoder with prefix_projection: Embedding(n, width) -> Linear -> tanh -> Linear
+            self.embedding = nn.Parameter(torch.randn(n, width, device=device))
+            self.transform = nn.Sequential(nn.Linear(width, hidden), nn.Tanh(), nn.Linear(hidden, 2 * layers * width)).to(device)
+
+    @property
+    def prompt_embeddings(self)->torch.Tensor:
+        "P itself: what the cache is built from and what PEFT's files hold (with the projection applied)."
+        return self.transform(self.embedding) if hasattr(self, "transform") else self.weight
 
     def cache(self, batch_size:int, config, dtype)->DynamicCache:
         "A DynamicCache holding every layer's n prefix keys and values for `batch_size` rows."
@@ -71,7 +84,9 @@ def apply_prefix_tuning(model:nn.Module, config:PrefixTuningConfig)->nn.Module:
     "Freeze `model`, attach a trainable prefix per layer and the hook that feeds it in."
     if hasattr(model, "prefix_tuning"): raise ValueError("this model already has prefix tuning: call remove_prefix(model) first")
     freeze(model)
-    P = PrefixEncoder(config.num_virtual_tokens, *kv_shape(model.config), device=model.get_input_embeddings().weight.device)
+    L, H, D = kv_shape(model.config)
+    hidden = (config.encoder_hidden_size or H * D) if config.prefix_projection else None
+    P = PrefixEncoder(config.num_virtual_tokens, L, H, D, hidden, device=model.get_input_embeddings().weight.device)
     attach_tokens(model, "prefix_tuning", P, _prefix_hook)
     return record_method(model, "prefix-tuning", config)
 
@@ -89,10 +104,9 @@ def _to_peft(config:PrefixTuningConfig, model:nn.Module)->dict:
     L, H, D = kv_shape(model.config)
     return dict(peft_type="PREFIX_TUNING", task_type="CAUSAL_LM", num_virtual_tokens=config.num_virtual_tokens,
                 token_dim=H * D, num_attention_heads=H, num_layers=L, num_transformer_submodules=1,
-                encoder_hidden_size=H * D, prefix_projection=False, inference_mode=True,
+                encoder_hidden_size=config.encoder_hidden_size or H * D, prefix_projection=config.prefix_projection, inference_mode=True,
                 base_model_name_or_path=getattr(model.config, "name_or_path", None))
 
 def _from_peft(cfg:dict)->dict:
-    if cfg.get("prefix_projection"): raise ValueError("PEFT prefix tuning with prefix_projection=True is not supported by peftlab")
     if cfg.get("num_transformer_submodules", 1) != 1: raise ValueError("prefix tuning of encoder-decoder models is not supported")
-    return dict(num_virtual_tokens=cfg["num_virtual_tokens"])
+    return dict(num_virtual_tokens=cfg["num_virtual_tokens"])   # with prefix_projection the file holds MLP(E): load it as P
