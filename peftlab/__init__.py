@@ -28,10 +28,23 @@ from .objectives.eft import eft_generate
 from .objectives.ewc import consolidate
 from .core.data import pack_examples
 from .data.core import select, Selection, noisy_pool
+from .data.instruction_mining import instruction_rule
+from .data.clear import clear_curate
+from .data.bds import bds_weights, weighted_loader
+from .data.tail_patch import tail_patch
+from .data.self_guide import self_guide
+from .data.non_instructional import non_instructional
+from .data.family import data_family
 from .analysis.core import weight_deltas
 from .analysis.spectrum import spectrum, effective_rank
 from .analysis.intruders import intruder_dimensions
 from .analysis.forgetting import forgetting_matrix
+from .analysis.tuco import tuco
+from .analysis.path_patching import path_patching
+from .analysis.conjugate_prompting import conjugate_prompting, substitution
+from .analysis.monitors import grokking_monitor, memorisation_monitor
+from .analysis.tmi import tmi, rank_by_tmi
+from .analysis.knowledge_injection import knowledge_injection
 from .sparse.core import SparseDelta, sparse_delta
 from .optim.core import memory_ledger, MemoryLedger
 from .core.estimate import estimate_memory, MemoryEstimate
