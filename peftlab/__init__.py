@@ -47,6 +47,7 @@ from .analysis.tmi import tmi, rank_by_tmi
 from .analysis.knowledge_injection import knowledge_injection
 from .sparse.core import SparseDelta, sparse_delta
 from .optim.core import memory_ledger, MemoryLedger
+from .optim.lorafa import LoraFAAdamW, freeze_lora_A
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready
 from .core.claims import ledger, ledger_markdown

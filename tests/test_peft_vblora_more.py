@@ -76,7 +76,6 @@ def test_conv_targets_are_refused():
 
 # (a PEFT config with an option peftlab does not support, the option's name in the error)
 REFUSED = [
-    (lambda: peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, target_modules=["q_proj"], save_only_topk_weights=True), "save_only_topk_weights=True"),
     (lambda: peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, target_modules=["q_proj"], layers_to_transform=[1]), "layers_to_transform=[1]"),
     (lambda: peft.VBLoRAConfig(r=2, num_vectors=8, vector_length=16, target_modules=["q_proj"], bias="vblora_only"), "bias='vblora_only'"),
     (lambda: peft.GraloraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0]), "layers_to_transform=[0]"),

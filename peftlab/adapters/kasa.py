@@ -4,44 +4,75 @@
 
 # %% ../../nbs/adapters/12_kasa.ipynb #3204d488
 from __future__ import annotations
+import math
 from dataclasses import dataclass, field
+from typing import Literal
 import torch
 from torch import nn
 from ..core.adapter import LayerAdapter, inject, record_method, adapters, dense_weight
-from .lora import check_rank
+from .lora import check_rank, LoraConfig, _to_peft as _lora_to_peft
 from ..core.registry import register
 from ..core.train import Callback
+from ..core.io import adapter_state, adapter_tensors, refuse_peft_options, _check_state
 
 # %% auto #0
-__all__ = ['KaSAConfig', 'KaSALinear', 'kasa_penalty', 'KaSARegularizer', 'apply_kasa']
+__all__ = ['KaSAConfig', 'truncate_smallest', 'check_kasa_rank', 'KaSALinear', 'kasa_penalty', 'KaSARegularizer', 'kasa_state',
+           'load_kasa_state', 'apply_kasa']
 
 # %% ../../nbs/adapters/12_kasa.ipynb #8892cfca
 @dataclass
 class KaSAConfig:
     r: int = field(default=8, metadata=dict(ge=1))  # singular directions dropped from W and learned anew
-    beta: float = field(default=1e-4, metadata=dict(ge=0))  # weight of the orthogonality penalty on ΔU
-    gamma: float = field(default=1e-4, metadata=dict(ge=0))  # weight of the orthogonality penalty on ΔV
+    beta: float = field(default=1e-4, metadata=dict(ge=0))  # weight of the singular-value penalty ‖Δσ‖² (the paper's L2)
+    gamma: float = field(default=1e-3, metadata=dict(ge=0))  # weight of the orthogonality penalty on ΔU and ΔV (the paper's L3)
+    init: Literal["svd", "lora"] = "svd"  # "svd": ΔU, ΔV start as the dropped singular vectors, Δσ at 0; "lora": as PEFT (ΔVᵀ Kaiming, ΔU = 0, Δσ ~ N(0, 1))
+    alpha: float|None = field(default=None, metadata=dict(gt=0))  # None: ΔW unscaled, as in the paper; else ΔW · alpha / r (PEFT's lora_alpha)
+    dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the update's input (PEFT's lora_dropout)
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear"
 
-class KaSALinear(LayerAdapter):
-    "A base with its r smallest singular components removed, plus ΔU·diag(Δσ)·ΔVᵀ."
-    saves_base = ("base_layer.weight",)
-    def __init__(self, base_layer:nn.Linear, r:int, name:str=''):
-        super().__init__(base_layer)
-        check_rank(r, base_layer, name)
-        w = base_layer.weight
-        U, S, Vh = torch.linalg.svd(w.detach().float(), full_matrices=False)  # (out,k) (k,) (k,in)
-        low = slice(S.numel() - r, S.numel())
-        with torch.no_grad(): w -= (U[:, low] * S[low] @ Vh[low]).to(w.dtype)  # W_world
-        self.kasa_U = nn.Parameter(U[:, low].contiguous())      # ΔU (out, r)
-        self.kasa_V = nn.Parameter(Vh[low].T.contiguous())      # ΔV (in, r)
-        self.kasa_sigma = nn.Parameter(torch.zeros(r, device=w.device))  # Δσ (r,)
+    @property
+    def scaling(self)->float: return 1.0 if self.alpha is None else self.alpha / self.r
 
-    def delta_weight(self): return (self.kasa_U * self.kasa_sigma) @ self.kasa_V.T   # (out, in)
+def truncate_smallest(w:torch.Tensor, r:int)->tuple[torch.Tensor,torch.Tensor,torch.Tensor]:
+    "Overwrite `w` with its rank-(k − r) SVD approximation W_world; return the dropped U (out, r), σ (r,), Vᵀ (r, in)."
+    U, S, Vh = torch.linalg.svd(w.detach().float(), full_matrices=False)  # (out,k) (k,) (k,in)
+    keep = S.numel() - r
+    with torch.no_grad(): w.copy_(((U[:, :keep] * S[:keep]) @ Vh[:keep]).to(w.dtype))  # the equation above, term for term
+    return U[:, keep:], S[keep:], Vh[keep:]
+
+def check_kasa_rank(r:int, base:nn.Module, name:str=''):
+    "Raise unless 1 <= r < min(in, out): dropping every direction would leave a zero weight."
+    check_rank(r, base, name)
+    if r == (k := min(base.in_features, base.out_features)):
+        raise ValueError(f"KaSA with r={r} drops every singular direction of {name or type(base).__name__} "
+                         f"({base.in_features} -> {base.out_features}), leaving a zero weight: choose 1 <= r < {k}")
+
+# %% ../../nbs/adapters/12_kasa.ipynb #a1c0e5d2
+class KaSALinear(LayerAdapter):
+    "A base with its r smallest singular components removed, plus scaling · ΔU·diag(Δσ)·ΔVᵀ."
+    saves_base = ("base_layer.weight",)   # marks the rewritten base: there is no unchanged W to switch back to
+    def __init__(self, base_layer:nn.Linear, r:int, init:str="svd", scaling:float=1.0, dropout:float=0.0, name:str=''):
+        super().__init__(base_layer)
+        check_kasa_rank(r, base_layer, name)
+        U, S, Vh = truncate_smallest(base_layer.weight, r)
+        self.scaling = scaling
+        self.kasa_U = nn.Parameter(U.contiguous())          # ΔU (out, r)
+        self.kasa_V = nn.Parameter(Vh.T.contiguous())       # ΔV (in, r)
+        self.kasa_sigma = nn.Parameter(torch.zeros_like(S))  # Δσ (r,)
+        self.kasa_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        if init == "lora": self.start_as_peft()
+
+    def start_as_peft(self):
+        "PEFT's start: ΔVᵀ as LoRA's A (Kaiming uniform), ΔU = 0 as LoRA's B, Δσ ~ N(0, 1)."
+        A = torch.empty(self.kasa_V.shape[::-1], device=self.kasa_V.device)   # (r, in), LoRA's A
+        with torch.no_grad():
+            self.kasa_V.copy_(nn.init.kaiming_uniform_(A, a=math.sqrt(5)).T); self.kasa_U.zero_(); self.kasa_sigma.normal_()
+
+    def delta_weight(self): return (self.kasa_U * self.kasa_sigma) @ self.kasa_V.T * self.scaling   # (out, in)
 
     def update(self, x):
-        h = x.to(self.kasa_V.dtype) @ self.kasa_V                                     # (..., r)
-        return ((h * self.kasa_sigma) @ self.kasa_U.T).to(x.dtype)                    # (..., out)
+        h = self.kasa_dropout(x.to(self.kasa_V.dtype)) @ self.kasa_V                        # (..., r)
+        return ((h * self.kasa_sigma) @ self.kasa_U.T * self.scaling).to(x.dtype)            # (..., out)
 
     def orthogonality(self)->tuple[torch.Tensor,torch.Tensor]:
         "‖ΔUᵀΔU − I‖_F and ‖ΔVᵀΔV − I‖_F."
@@ -51,20 +82,69 @@ class KaSALinear(LayerAdapter):
 
 # %% ../../nbs/adapters/12_kasa.ipynb #e000e6c2
 def kasa_penalty(model:nn.Module, beta:float, gamma:float)->torch.Tensor:
-    "β·Σ‖ΔUᵀΔU − I‖ + γ·Σ‖ΔVᵀΔV − I‖ over the KaSA layers of `model`."
-    terms = [beta * u + gamma * v for u, v in (a.orthogonality() for a in adapters(model).values()
-                                               if isinstance(a, KaSALinear))]
+    "β·Σ‖Δσ‖² + γ·Σ(‖ΔUᵀΔU − I‖_F + ‖ΔVᵀΔV − I‖_F) over the KaSA layers of `model`."
+    terms = [beta * a.kasa_sigma.square().sum() + gamma * sum(a.orthogonality())
+             for a in adapters(model).values() if hasattr(a, "kasa_sigma")]   # KaSALinear, whichever copy
     return torch.stack(terms).sum() if terms else torch.zeros(())
 
 class KaSARegularizer(Callback):
-    "Adds KaSA's orthogonality penalty to the gradients at every step of `fit`."
-    def __init__(self, beta:float=1e-4, gamma:float=1e-4): self.beta, self.gamma = beta, gamma
+    "Adds KaSA's two regularisers to the gradients at every step of `fit`."
+    def __init__(self, beta:float=1e-4, gamma:float=1e-3): self.beta, self.gamma = beta, gamma
     def after_backward(self, state): kasa_penalty(state.model, self.beta, self.gamma).backward()
+
+# %% ../../nbs/adapters/12_kasa.ipynb #b7d2f9c1
+_PEFT_NAMES = {"kasa_U": "lora_B.weight", "kasa_V": "lora_A.weight", "kasa_sigma": "lora_diag"}  # ΔU = B, ΔV = Aᵀ, Δσ = diag
+_OURS = {v: k for k, v in _PEFT_NAMES.items()}
+
+def _renamed(state:dict, names:dict)->dict:
+    "`state` with each key's last part renamed by `names`, ΔV ↔ A transposed."
+    out = {}
+    for k, v in state.items():
+        part = next((p for p in names if k.endswith("." + p)), None)
+        if part is None: raise KeyError(f"{k}: a KaSA adapter holds only {sorted(names)}")
+        out[k[:-len(part)] + names[part]] = v.T.contiguous() if "kasa_V" in (part, names[part]) else v
+    return out
+
+def _without_base(state:dict)->dict: return {k: v for k, v in state.items() if ".base_layer." not in k}
+
+def kasa_state(model:nn.Module)->dict[str,torch.Tensor]:
+    "The KaSA tensors in PEFT's layout: lora_A = ΔVᵀ, lora_B = ΔU, lora_diag = Δσ; the base is truncated again on load."
+    return _renamed(_without_base(adapter_state(model)), _PEFT_NAMES)
+
+def load_kasa_state(model:nn.Module, state:dict[str,torch.Tensor]):
+    "Copy PEFT-layout KaSA tensors into the KaSA layers of `model`, checking names and shapes."
+    have, saved = _without_base(adapter_tensors(model)), _renamed(state, _OURS)
+    _check_state(have, saved, "this KaSA model")
+    with torch.no_grad():
+        for k, v in saved.items(): have[k].copy_(v)
+
+# %% ../../nbs/adapters/12_kasa.ipynb #c4e8a3f0
+_PEFT_DEFAULTS = dict(use_rslora=False, use_dora=False, rank_pattern={}, alpha_pattern={}, bias="none", fan_in_fan_out=False,
+                      lora_bias=False, use_qalora=False, qalora_group_size=16, megatron_core="megatron.core",
+                      ensure_weight_tying=False, loftq_config={})   # the LoRA options KaSA does not take, at PEFT's defaults
+
+def _to_peft(config:KaSAConfig, model:nn.Module)->dict:
+    "PEFT's adapter_config.json: LoRA with a `kasa_config`; lora_alpha = r when ΔW is unscaled."
+    lora = LoraConfig(r=config.r, alpha=config.alpha or config.r, dropout=config.dropout, targets=config.targets)
+    return {**_lora_to_peft(lora, model), "kasa_config": dict(beta=config.beta, gamma=config.gamma)}
+
+def _from_peft(cfg:dict)->dict|None:
+    "Our KaSA config kwargs from PEFT's LoRA config with a `kasa_config`; None for any other LoRA."
+    if not cfg.get("kasa_config"): return None
+    refuse_peft_options(cfg, "kasa", _PEFT_DEFAULTS, known=("r", "lora_alpha", "lora_dropout", "target_modules",
+                        "kasa_config", "init_lora_weights", "layers_pattern"))
+    kasa = cfg["kasa_config"]
+    return dict(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout") or 0.0, targets=cfg["target_modules"],
+                beta=kasa.get("beta", 1e-4), gamma=kasa.get("gamma", 1e-3))
+
+
 
 # %% ../../nbs/adapters/12_kasa.ipynb #f3c7908f
 @register("kasa", category="adapter", config=KaSAConfig, callbacks=lambda c: [KaSARegularizer(c.beta, c.gamma)],
-          paper="KaSA: Knowledge-Aware Singular-Value Adaptation of Large Language Models")
+          paper="KaSA: Knowledge-Aware Singular-Value Adaptation of Large Language Models",
+          peft="LORA", to_peft=_to_peft, from_peft=_from_peft, save_state=kasa_state, load_state=load_kasa_state)
 def apply_kasa(model:nn.Module, config:KaSAConfig)->nn.Module:
     "Truncate each target's smallest singular components and wrap it in `KaSALinear`."
-    inject(model, config.targets, lambda name, base: KaSALinear(base, config.r, name), "kasa", supported=(nn.Linear,))
+    make = lambda name, base: KaSALinear(base, config.r, config.init, config.scaling, config.dropout, name)
+    inject(model, config.targets, make, "kasa", supported=(nn.Linear,))
     return record_method(model, "kasa", config)

@@ -138,7 +138,7 @@ _UNSUPPORTED_PEFT = dict(bias="none", fan_in_fan_out=False,
 
 def _from_peft(cfg:dict)->dict|None:
     "Our LoRA config kwargs from PEFT's adapter_config.json, or None if it is not plain LoRA."
-    if cfg.get("use_dora"): return None
+    if cfg.get("use_dora") or cfg.get("kasa_config"): return None   # DoRA's and KaSA's files: their own methods load them
     for k, ok in _UNSUPPORTED_PEFT.items():
         if cfg.get(k, ok) not in (ok, None, {}, []):
             raise ValueError(f"PEFT LoRA option {k}={cfg[k]!r} is not supported by peftlab's LoRA")

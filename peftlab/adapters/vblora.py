@@ -8,15 +8,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 import torch.nn.functional as F
-from ..core.adapter import LayerAdapter, inject, adapters, record_method, dense_weight
+from ..core.adapter import LayerAdapter, inject, adapters, record_method, dense_weight, applied_method
 from ..core.surgery import find_targets, check_types, LINEAR_TYPES
 from ..core.registry import register
 from ..core.io import adapter_state, _copy_in, refuse_peft_options, peft_option_error, peft_version
 from .lora import adapter_dtype, check_rank
 
 # %% auto #0
-__all__ = ['VBLORA_UNSUPPORTED', 'BANK', 'VBLoRAConfig', 'bank_mixture', 'VBLoRALinear', 'vblora_layers', 'apply_vblora',
-           'save_vblora', 'load_vblora']
+__all__ = ['TOPK_ONLY_TRAINING', 'VBLORA_UNSUPPORTED', 'BANK', 'VBLoRAConfig', 'bank_mixture', 'VBLoRALinear', 'vblora_layers',
+           'apply_vblora', 'index_dtype', 'topk_only', 'logits_from_topk', 'save_vblora', 'load_vblora']
 
 # %% ../../nbs/adapters/34_vblora.ipynb #6f0c07c3
 @dataclass
@@ -28,6 +28,7 @@ class VBLoRAConfig:
     init_vector_bank_bound: float = field(default=0.02, metadata=dict(ge=0))  # the bank starts uniform in ±this
     init_logits_std: float = field(default=0.1, metadata=dict(ge=0))  # the logits start N(0, std²)
     dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input (PEFT's vblora_dropout)
+    save_only_topk_weights: bool = False  # save each sub-vector's top-k indices and k - 1 weights only: a far smaller file, for inference and merging, not training
     targets: str|list = "all-linear"  # module names, suffixes, regexes or "all-linear" (linear layers only)
 
     def __post_init__(self):
@@ -46,6 +47,10 @@ def _check_length(layer:nn.Module, L:int, name:str=''):
         raise ValueError(f"vector_length={L} does not divide both sides of {name or 'the layer'} ({layer.in_features} -> "
                          f"{layer.out_features}): choose a common divisor of the targets' sizes")
 
+TOPK_ONLY_TRAINING = ("VB-LoRA logits hold -inf: this adapter was loaded from a save_only_topk_weights file, which keeps each "
+                      "sub-vector's top-k weights only and serves inference and merging, not training (PEFT refuses too); "
+                      "call model.eval() to run it, or load the full file (saved without save_only_topk_weights) to train")
+
 class VBLoRALinear(LayerAdapter):
     "A frozen linear layer plus B A, whose sub-vectors are top-k mixtures of a shared bank."
     def __init__(self, base_layer:nn.Module, bank:nn.Parameter, r:int=4, topk:int=2, logits_std:float=0.1, dropout:float=0.0, name:str=''):
@@ -60,6 +65,8 @@ class VBLoRALinear(LayerAdapter):
 
     def factors(self)->tuple[torch.Tensor,torch.Tensor]:
         "A `(r, in)` and B `(out, r)`."
+        # a compact file leaves -inf outside each top-k: the softmax gradient there is NaN, so training stops here, as PEFT's does
+        if self.training and self.vblora_logits_A[0, 0].isinf().any(): raise RuntimeError(TOPK_ONLY_TRAINING)
         bank = self.vblora_vector_bank
         A = bank_mixture(self.vblora_logits_A, bank, self.topk).reshape(self.r, -1)                 # (r, in/L, L) -> (r, in)
         B = bank_mixture(self.vblora_logits_B, bank, self.topk).transpose(1, 2).reshape(-1, self.r)  # (out/L, r, L) -> (out, r)
@@ -99,33 +106,70 @@ def apply_vblora(model:nn.Module, config:VBLoRAConfig)->nn.Module:
     return record_method(model, "vblora", config)
 
 # %% ../../nbs/adapters/34_vblora.ipynb #261a3e48
-VBLORA_UNSUPPORTED = dict(save_only_topk_weights=False, fan_in_fan_out=False, bias="none", modules_to_save=None,
+VBLORA_UNSUPPORTED = dict(fan_in_fan_out=False, bias="none", modules_to_save=None,
                           layers_to_transform=None, layers_pattern=None, exclude_modules=None)
 BANK = "base_model.vblora_vector_bank"
 
 def _to_peft(config:VBLoRAConfig, model:nn.Module)->dict:
     return dict(peft_type="VBLORA", task_type="CAUSAL_LM", target_modules=config.targets, r=config.r, num_vectors=config.num_vectors,
                 vector_length=config.vector_length, topk=config.topk, init_vector_bank_bound=config.init_vector_bank_bound,
-                init_logits_std=config.init_logits_std, vblora_dropout=config.dropout, **VBLORA_UNSUPPORTED,
-                inference_mode=True, peft_version=peft_version(), base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
+                init_logits_std=config.init_logits_std, vblora_dropout=config.dropout, save_only_topk_weights=config.save_only_topk_weights,
+                **VBLORA_UNSUPPORTED, inference_mode=True, peft_version=peft_version(),
+                base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
 
 def _from_peft(cfg:dict)->dict:
     refuse_peft_options(cfg, "vblora", VBLORA_UNSUPPORTED, known=("target_modules", "r", "num_vectors", "vector_length", "topk",
-                                                                 "init_vector_bank_bound", "init_logits_std", "vblora_dropout"))
+                                                                 "init_vector_bank_bound", "init_logits_std", "vblora_dropout", "save_only_topk_weights"))
     return dict(targets=cfg["target_modules"], r=cfg.get("r", 4), num_vectors=cfg.get("num_vectors", 256), vector_length=cfg.get("vector_length", 256),
                 topk=cfg.get("topk", 2), init_vector_bank_bound=cfg.get("init_vector_bank_bound", 0.02),
-                init_logits_std=cfg.get("init_logits_std", 0.1), dropout=cfg.get("vblora_dropout", 0.0))
+                init_logits_std=cfg.get("init_logits_std", 0.1), dropout=cfg.get("vblora_dropout", 0.0),
+                save_only_topk_weights=bool(cfg.get("save_only_topk_weights", False)))
 
+
+# %% ../../nbs/adapters/34_vblora.ipynb #5a1c0e71
+def index_dtype(num_vectors:int)->torch.dtype:
+    "The narrowest integer type PEFT stores bank indices in: uint8 below 2**8 vectors, then int16, int32, int64."
+    for dtype, bound in ((torch.uint8, 2**8), (torch.int16, 2**15), (torch.int32, 2**31)):
+        if num_vectors < bound: return dtype
+    return torch.int64
+
+def topk_only(logits:torch.Tensor, topk:int)->dict[str,torch.Tensor]:
+    "What a compact file keeps of `logits` `(..., N)`: the top-k indices and the first k - 1 softmax weights (the last is 1 minus their sum)."
+    top, idx = logits.topk(topk, dim=-1)                                                            # (..., k)
+    return {"_topk_indices": idx.to(index_dtype(logits.shape[-1])), "_topk_weights": F.softmax(top, dim=-1)[..., :-1].contiguous()}
+
+def logits_from_topk(indices:torch.Tensor, weights:torch.Tensor, num_vectors:int)->torch.Tensor:
+    "Logits `(..., N)` whose top-k softmax gives back the saved mixture: the weights' logs at `indices`, -inf elsewhere."
+    w = torch.cat([weights, (1 - weights.sum(-1, keepdim=True)).clamp_min(0)], dim=-1)              # (..., k): the k-th weight, left out of the file
+    return torch.full((*w.shape[:-1], num_vectors), float("-inf"), dtype=w.dtype, device=w.device).scatter(-1, indices.long(), w.log())
+
+
+# %% ../../nbs/adapters/34_vblora.ipynb #5a1c0e73
 def save_vblora(model:nn.Module)->dict[str,torch.Tensor]:
-    "Every layer's logits, and the shared bank once, as PEFT saves them."
-    bank = next(iter(vblora_layers(model).values())).vblora_vector_bank
-    return {**adapter_state(model), BANK: bank.detach().clone()}
+    "Every layer's logits (with `save_only_topk_weights`, their top-k indices and weights), and the shared bank once, as PEFT saves them."
+    first = next(iter(vblora_layers(model).values()))
+    state = adapter_state(model, first.adapter_name)
+    if applied_method(model, first.adapter_name)[1].save_only_topk_weights:
+        state = {k + suffix: v for k, logits in state.items() for suffix, v in topk_only(logits, first.topk).items()}
+    return {**state, BANK: first.vblora_vector_bank.detach().clone()}
+
+def _expand_topk(state:dict[str,torch.Tensor], num_vectors:int)->dict[str,torch.Tensor]:
+    "`state` with each pair of top-k indices and weights turned back into the logits they stand for."
+    out = {k: v for k, v in state.items() if not k.endswith(("_topk_indices", "_topk_weights"))}
+    for k in state:
+        if not k.endswith("_topk_indices"): continue
+        key = k.removesuffix("_topk_indices")
+        if key + "_topk_weights" not in state: raise KeyError(f"the saved adapter has {k} but not {key}_topk_weights beside it: the file is incomplete")
+        out[key] = logits_from_topk(state[k], state[key + "_topk_weights"], num_vectors)
+    return out
 
 def load_vblora(model:nn.Module, state:dict[str,torch.Tensor]):
-    "Copy the saved bank into the shared one, then each layer's logits."
-    if BANK not in state: raise KeyError(f"the saved adapter lacks {BANK}: was it saved with save_only_topk_weights, or not by VB-LoRA?")
+    "Copy the saved bank into the shared one, then each layer's logits (rebuilt from their top-k in a compact file)."
+    if BANK not in state: raise KeyError(f"the saved adapter lacks {BANK}: was it saved by VB-LoRA?")
     bank = next(iter(vblora_layers(model).values())).vblora_vector_bank
     if state[BANK].shape != bank.shape:
         raise ValueError(f"saved vector bank has shape {tuple(state[BANK].shape)}, this config needs {tuple(bank.shape)}: saved with other num_vectors or vector_length?")
+    state = _expand_topk(state, bank.shape[0])
     with torch.no_grad(): bank.copy_(state[BANK])
     _copy_in(model, {k: v for k, v in state.items() if k != BANK})
+
