@@ -113,7 +113,10 @@ def _status_kb(field:str)->int:
 def _fixed_mmap_threshold():
     "Make glibc hand every large block back to the kernel on free, so each run's growth is its own, whoever ran before."
     import ctypes, ctypes.util
-    try: ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, no longer adaptive
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.mallopt(-3, 1 << 17)  # M_MMAP_THRESHOLD = 128 KiB, no longer adaptive
+        libc.malloc_trim(0)        # and free heap kept by earlier work (or MALLOC_TRIM_THRESHOLD_) is no longer resident
     except (OSError, AttributeError): pass
 
 @contextmanager
