@@ -15,7 +15,7 @@ from .core import register_optimizer, optimizer_state_bytes
 
 # %% auto #0
 __all__ = ['regularised_inverse', 'solve_sylvester', 'AdjustedGrads', 'adjusted_grads', 'equivalent_gradient', 'lora_layers',
-           'lora_pro_groups', 'LoraProAdamW', 'step', 'LoraProConfig', 'make_lora_pro']
+           'lora_pair_groups', 'lora_pro_groups', 'LoraProAdamW', 'step', 'LoraProConfig', 'make_lora_pro']
 
 # %% ../../nbs/optim/18_lora_pro.ipynb #935130d8
 def regularised_inverse(M:torch.Tensor,     # (r, r) Gram matrix, B^T B or A A^T
@@ -80,14 +80,17 @@ def lora_layers(model:nn.Module)->dict[str,LoraLinear]:
                                    "apply LoRA first, e.g. pl.apply(model, 'lora', r=8)")
     return found
 
-def lora_pro_groups(model:nn.Module)->list[dict]:
-    "Param groups: the LoRA pairs [A, B, A, B, ...] with their scalings, then every other trainable parameter."
-    layers = lora_layers(model)
+def lora_pair_groups(model:nn.Module, layers:dict, flag:str)->list[dict]:
+    "Param groups: the pairs [A, B, A, B, ...] of `layers` with their scalings (`flag` True), then every other trainable parameter (`flag` False)."
     pairs = [p for a in layers.values() for p in (a.lora_A.weight, a.lora_B.weight)]
     taken = {id(p) for p in pairs}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [dict(params=pairs, scalings=[a.scaling for a in layers.values()], lora_pro=True)]
-    return groups + ([dict(params=others, lora_pro=False)] if others else [])
+    groups = [dict(params=pairs, scalings=[a.scaling for a in layers.values()], **{flag: True})]
+    return groups + ([dict(params=others, **{flag: False})] if others else [])
+
+def lora_pro_groups(model:nn.Module)->list[dict]:
+    "LoRA-Pro's param groups: every plain LoRA pair, then the other trainable parameters."
+    return lora_pair_groups(model, lora_layers(model), "lora_pro")
 
 # %% ../../nbs/optim/18_lora_pro.ipynb #11c0803c
 class LoraProAdamW(torch.optim.Optimizer):

@@ -13,7 +13,7 @@ from ..core.distributed import world_size
 from ..adapters.lora import LoraLinear
 from ..quant.adamw8bit import update_moments
 from .core import register_optimizer
-from .lora_pro import regularised_inverse
+from .lora_pro import regularised_inverse, lora_pair_groups
 
 # %% auto #0
 __all__ = ['projected_grad_B', 'lorafa_layers', 'freeze_lora_A', 'adamw_hf_step', 'lorafa_groups', 'LoraFAAdamW', 'LoraFAConfig',
@@ -64,11 +64,7 @@ def adamw_hf_step(p:torch.Tensor, g:torch.Tensor, state:dict, lr:float, betas:tu
 
 def lorafa_groups(model:nn.Module, layers:dict[str,LoraLinear])->list[dict]:
     "Param groups: the LoRA pairs [A, B, A, B, ...] with their scalings, then every other trainable parameter."
-    pairs = [p for a in layers.values() for p in (a.lora_A.weight, a.lora_B.weight)]
-    taken = {id(p) for p in pairs}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [dict(params=pairs, scalings=[a.scaling for a in layers.values()], lorafa=True)]
-    return groups + ([dict(params=others, lorafa=False)] if others else [])
+    return lora_pair_groups(model, layers, "lorafa")
 
 # %% ../../nbs/optim/22_lorafa.ipynb #c71f5a6e
 class LoraFAAdamW(torch.optim.Optimizer):
