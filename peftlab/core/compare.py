@@ -5,6 +5,7 @@
 # %% ../../nbs/core/11_compare.ipynb #7b74b69e
 from __future__ import annotations
 import time, json
+from itertools import islice
 from pathlib import Path
 from typing import Callable
 import torch
@@ -14,7 +15,7 @@ from .models import tiny_llama, load_model, load_tokenizer
 from .registry import apply, method_callbacks
 from .surgery import trainable_report
 from .data import get_task, sft_loader
-from .train import fit, eval_loss, TrainLog, lr_lambda
+from .train import fit, eval_loss, evaluate, TrainLog, lr_lambda
 from .bench import SavedTensorBytes
 
 # %% auto #0
@@ -52,7 +53,10 @@ def _prepare(method:str|None, options:dict, model:nn.Module)->nn.Module:
     return apply(model, method, **options)
 
 def run_one(method:str|None, options:dict, model:nn.Module, train, test, steps:int, lr:float,
-            seed:int=0, callbacks:list|None=None)->tuple[dict,object]:
+            seed:int=0, callbacks:list|None=None,
+            objective:str|Callable|None=None, objective_options:dict|None=None,  # what `fit` minimises (default: cross-entropy)
+            measure:Callable|None=None,  # `measure(model) -> dict` of further columns, e.g. held-out accuracy
+           )->tuple[dict,object]:
     "Train one method and measure it: returns `(row, log)`."
     torch.manual_seed(seed)
     model = _prepare(method, options, model)
@@ -60,13 +64,15 @@ def run_one(method:str|None, options:dict, model:nn.Module, train, test, steps:i
     act = saved_activation_bytes(model, next(iter(test)))
     t0 = time.perf_counter()
     callbacks = method_callbacks(model) if callbacks is None else callbacks
-    log = fit(model, train, steps=steps, lr=lr, seed=seed, callbacks=callbacks, progress=False)
+    log = fit(model, train, steps=steps, lr=lr, seed=seed, callbacks=callbacks, progress=False,
+              objective=objective, objective_options=objective_options)
     sec = (time.perf_counter() - t0) / steps
     mem = state_bytes(model, None)
     mem["optimizer"] = 2 * 4 * rep.trainable  # AdamW keeps two float32 moments per trainable parameter
     mem["grads"] = 4 * rep.trainable
     row = dict(trainable=rep.trainable, memory_mb=(sum(mem.values()) + act) / 2**20, sec_per_step=sec,
                train_loss=sum(log.losses[-5:]) / len(log.losses[-5:]), eval_loss=eval_loss(model, test))
+    if measure is not None: row.update(measure(model))
     return row, log
 
 # %% ../../nbs/core/11_compare.ipynb #482669a2
@@ -96,26 +102,44 @@ class Comparison:
         logs = {k: TrainLog([dict(step=s, loss=l) for s, l in zip(v["steps"], v["losses"])]) for k, v in data["curves"].items()}
         return cls(table, logs)
 
-def compare(runs:dict,                       # label -> dict(method=name|None, options={}, lr=..., callbacks=factory)
+def compare(runs:dict,                       # label -> dict(method=name|None, options={}, lr=..., callbacks=factory, objective=..., objective_options={})
             model:str|Callable="tiny-llama", # model name, or a function returning a fresh model
             task:str="record_format",        # a task of `peftlab.core.data.TASKS`
             steps:int=30, n_train:int=128, n_test:int=32, batch_size:int=8, lr:float=2e-3,
-            seed:int=0, max_len:int=128, progress:bool=True)->Comparison:
-    "Train each run from the same model on the same task and steps; return the table and curves."
+            seed:int=0, max_len:int=128, progress:bool=True,
+            accuracy:bool=False,             # also greedy exact-match accuracy on the held-out examples (generation: slower)
+            max_new_tokens:int=32,
+            data:tuple|None=None,            # `(train, test)` instead of `task`: a `fit` data source and a list of held-out batches
+            measure:Callable|None=None,      # `measure(model) -> dict` of further columns (e.g. a world's own accuracy)
+           )->Comparison:
+    "Train each run from the same model on the same data and steps; return the table and curves."
     from tqdm.auto import tqdm
     make = model if callable(model) else (lambda: load_model(model, seed=seed))
+    if data is None: train_data, test, calibration, measure = _task_data(model, task, n_train, n_test, batch_size, seed, max_len, accuracy, max_new_tokens, measure)
+    else: train_data, test, calibration = (lambda: data[0]), data[1], _first_batches(data[0], 4)
+    rows, logs = {}, {}
+    for label, spec in tqdm(runs.items(), disable=not progress, desc="compare"):
+        cbs = spec["callbacks"]() if "callbacks" in spec else None
+        options = _with_calibration(spec.get("options", {}), calibration)
+        rows[label], logs[label] = run_one(spec.get("method"), options, make(), train_data(), test,
+                                           steps, spec.get("lr", lr), seed, cbs, spec.get("objective"), spec.get("objective_options"), measure)
+    return Comparison(pd.DataFrame.from_dict(rows, orient="index"), logs)
+
+def _first_batches(source, n:int)->list:
+    "The first `n` batches of a `fit` data source (an iterable, or a callable `index -> batch`)."
+    return [source(i) for i in range(n)] if callable(source) else list(islice(source, n))
+
+def _task_data(model, task, n_train, n_test, batch_size, seed, max_len, accuracy, max_new_tokens, measure)->tuple:
+    "A bundled task's `(train source factory, test batches, calibration batches, measure)` for `compare`."
     tok = load_tokenizer("tiny-llama" if model == "tiny-llama" or callable(model) else model)
     t = get_task(task, n_train=n_train, n_test=n_test, seed=seed)
     test = list(sft_loader(t.test, tok, batch_size=batch_size, shuffle=False, max_len=max_len))
     calibration = list(sft_loader(t.train, tok, batch_size=batch_size, shuffle=False, max_len=max_len))[:4]
-    rows, logs = {}, {}
-    for label, spec in tqdm(runs.items(), disable=not progress, desc="compare"):
-        cbs = spec["callbacks"]() if "callbacks" in spec else None
-        train = sft_loader(t.train, tok, batch_size=batch_size, seed=seed, max_len=max_len)  # the same order for every run
-        options = _with_calibration(spec.get("options", {}), calibration)
-        rows[label], logs[label] = run_one(spec.get("method"), options, make(), train, test,
-                                           steps, spec.get("lr", lr), seed, cbs)
-    return Comparison(pd.DataFrame.from_dict(rows, orient="index"), logs)
+    if accuracy and measure is None:
+        measure = lambda m: dict(accuracy=evaluate(m, t.test, tok, batch_size, max_new_tokens, max_len)["accuracy"])
+    train = lambda: sft_loader(t.train, tok, batch_size=batch_size, seed=seed, max_len=max_len)  # the same order for every run
+    return train, test, calibration, measure
+
 
 # %% ../../nbs/core/11_compare.ipynb #99f09d93
 def lowrank_family(steps:int, lr:float=2e-3)->dict:
