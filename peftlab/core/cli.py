@@ -189,7 +189,7 @@ def _lowrank(args):
 def _optim(args):
     from peftlab.optim.family import compare_memory, optim_family
     lr = args.lr or 1e-4
-    return compare_memory(optim_family(args.steps, lr, args.rank), model=args.model, task=args.task, steps=args.steps,
+    return compare_memory(optim_family(args.steps, lr, args.rank or 16), model=args.model, task=args.task, steps=args.steps,
                           n_train=args.n_train, n_test=args.n_test, lr=lr, profile=not args.no_profile)
 
 def _merge(args):
@@ -201,11 +201,15 @@ def _data(args):
     from peftlab.data.family import bench_data
     return bench_data(args)
 
+def _sparse(args):
+    from peftlab.sparse.family import bench_sparse
+    return bench_sparse(args)
+
 def _objectives(args):
     from peftlab.objectives.family import bench_objectives
     return bench_objectives(args)
 
-FAMILIES = dict(lowrank=_lowrank, optim=_optim, merge=_merge, data=_data, objectives=_objectives)  # family -> runner of its comparison
+FAMILIES = dict(lowrank=_lowrank, optim=_optim, merge=_merge, data=_data, objectives=_objectives, sparse=_sparse)  # family -> runner of its comparison
 
 def bench_family(args):
     "Compare a family of methods on one task and budget; print the table and write it as JSON."
@@ -252,12 +256,12 @@ def parser()->argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a model (and adapter) on held-out examples")
     _data_args(ev, DEMO); ev.add_argument("--adapter", default=None)
     bf = sub.add_parser("bench", help="compare a family of methods on one task, budget and model")
-    bf.add_argument("--family", default="lowrank", help="lowrank (adapters and inits), optim (memory-efficient optimisers and schemes), merge (merge rules), data (data selectors) or objectives (SFT objectives with one LoRA)")
+    bf.add_argument("--family", default="lowrank", help="lowrank (adapters and inits), optim (memory-efficient optimisers and schemes), merge (merge rules), data (data selectors), objectives (SFT objectives with one LoRA) or sparse (sparse methods at LoRA's count)")
     bf.add_argument("--model", default="tiny-llama")
     bf.add_argument("--task", default="record_format"); bf.add_argument("--steps", type=int, default=20)
     bf.add_argument("--n-train", type=int, default=64); bf.add_argument("--n-test", type=int, default=16)
-    bf.add_argument("--lr", type=float, default=None, help="the family's base rate (default: lowrank and objectives 2e-3, optim 1e-4, merge and data 3e-3 on tiny-llama)")
-    bf.add_argument("--rank", type=int, default=16, help="optim: the projections' rank (GaLore, Q-GaLore, APOLLO)")
+    bf.add_argument("--lr", type=float, default=None, help="the family's base rate (default: lowrank, objectives and sparse 2e-3, optim 1e-4, merge and data 3e-3 on tiny-llama)")
+    bf.add_argument("--rank", type=int, default=None, help="optim: the projections' rank (GaLore, Q-GaLore, APOLLO; default 16); sparse: the LoRA rank whose trainable count every method gets (default 4)")
     bf.add_argument("--no-profile", action="store_true", help="optim: skip the profiler's peak (slow on large models)")
     bf.add_argument("--tasks", default=None, help="merge: the tasks, one specialist each, comma-separated (default: record_format,iso_date,fictional_facts)")
     bf.add_argument("--out", "--json", dest="out", default=None, help="the results JSON (default: out/bench-<family>.json)")

@@ -43,8 +43,8 @@ def state_bytes(model:nn.Module, optimizer:torch.optim.Optimizer|None=None)->dic
 
 # %% ../../nbs/core/11_compare.ipynb #8968a9b0
 def _with_calibration(options:dict, batches:list)->dict:
-    "`options` with `init_data=\"calibration\"` replaced by a few training batches."
-    return {**options, "init_data": batches} if options.get("init_data") == "calibration" else options
+    "`options` with every value `\"calibration\"` (an init's `init_data`, a sparse method's `data`) replaced by a few training batches."
+    return {k: batches if isinstance(v, str) and v == "calibration" else v for k, v in options.items()}
 
 def _prepare(method:str|None, options:dict, model:nn.Module)->nn.Module:
     if method is None:

@@ -193,7 +193,8 @@ def sparse_values_grad(grad_out:torch.Tensor,   # (..., out) gradient of the lay
     g, x = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
     rows, cols = indices // x.shape[1], indices % x.shape[1]
     step = max(1, chunk_bytes // max(1, g.shape[0] * g.element_size()))
-    return torch.cat([(g[:, rows[i:i + step]] * x[:, cols[i:i + step]]).sum(0) for i in range(0, len(indices), step)])
+    chunks = [(g[:, rows[i:i + step]] * x[:, cols[i:i + step]]).sum(0) for i in range(0, len(indices), step)]
+    return torch.cat(chunks) if chunks else g.new_zeros(0)   # a layer with no entries (yet) has an empty gradient
 
 class SparseMatmul(torch.autograd.Function):
     "`x @ Δᵀ` for `Δ` of `shape` with `values` at flat `indices`; the values' gradient is gathered, never dense."
