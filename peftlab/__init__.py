@@ -23,9 +23,19 @@ from .core.named import (adapter_names, active_adapters, set_adapter, disabled_a
                                 mixed_batch, adapter_parameters, adapter_param_groups)
 from .core.data import get_task, sft_loader, load_examples
 from .core.train import fit, evaluate, make_optimizer, make_scheme, make_objective
-from .objectives.core import rollout_fit, sample, sequence_logprobs
+from .objectives.core import rollout_fit, sample, sequence_logprobs, preference_batch, task_reward
 from .objectives.eft import eft_generate
 from .objectives.ewc import consolidate
+from .objectives.sft_reweighting import s3ft_examples, TrainingDynamics
+from .objectives.token_losses import add_markers, marker_prompt, copilot_generate, measure_density
+from .objectives.multitask import source_tagged, expert_tagged, step_by_step_rows, morepair_row
+from .objectives.unlearning import whp_generic_targets
+from .objectives.list_self_training import lite_self_training
+from .objectives.budget_dpa import budget_split_fit, dpa_fit
+from .objectives.rl_variants import classification_reward, curriculum_fit, rejection_sampling_sft
+from .objectives.rl_mixes import feedback_batch, label_match
+from .objectives.reward_decoding import qalign, best_of_n, transfer_q, cappy_scorer, cappy_rerank
+from .objectives.family import objective_family, token_world
 from .core.data import pack_examples
 from .data.core import select, Selection, noisy_pool
 from .data.instruction_mining import instruction_rule
@@ -46,6 +56,7 @@ from .analysis.monitors import grokking_monitor, memorisation_monitor
 from .analysis.tmi import tmi, rank_by_tmi
 from .analysis.knowledge_injection import knowledge_injection
 from .sparse.core import SparseDelta, sparse_delta
+from .sparse.family import sparse_family
 from .optim.core import memory_ledger, MemoryLedger
 from .optim.lorafa import LoraFAAdamW, freeze_lora_A
 from .core.estimate import estimate_memory, MemoryEstimate

@@ -4,15 +4,16 @@
 
 # %% ../../nbs/objectives/07_eft.ipynb #3b4f0d8d
 from __future__ import annotations
+from dataclasses import dataclass, field
 import torch
 from torch import nn
 from ..core.data import prompt_ids
 from ..core.train import _pad, _pad_id, _device
-from .core import model_logits
+from .core import model_logits, register_objective
 from .sft_variants import log_softmax32
 
 # %% auto #0
-__all__ = ['EFT_PAPER', 'eft_logprobs', 'eft_token_logprobs', 'eft_generate', 'eft_answers']
+__all__ = ['EFT_PAPER', 'eft_logprobs', 'eft_token_logprobs', 'eft_generate', 'eft_answers', 'register_decoding', 'EFTConfig']
 
 # %% ../../nbs/objectives/07_eft.ipynb #8f083ed7
 EFT_PAPER = "An Emulator for Fine-Tuning Large Language Models using Small Language Models"
@@ -72,3 +73,22 @@ def eft_answers(base_large:nn.Module, tuned_small:nn.Module, base_small:nn.Modul
     ids, mask = _pad(rows, pad, left=True).to(dev), _pad([[1] * len(r) for r in rows], 0, left=True).to(dev)
     out = eft_generate(base_large, tuned_small, base_small, ids, mask, max_new_tokens, beta, tokenizer.eos_token_id, pad)
     return [tokenizer.decode(o[ids.shape[1]:], skip_special_tokens=True).strip() for o in out]
+
+# %% ../../nbs/objectives/07_eft.ipynb #81f98afd
+def register_decoding(name:str, *, paper:str, config:type,
+                      use:str,       # what to call instead of fit, shown in the error
+                     ):
+    "Register decoding method `name` (it trains nothing) under category `objective`; `fit(objective=name)` points to `use`."
+    def make(model:nn.Module, config):
+        raise ValueError(f"{name!r} decodes at test time and trains nothing, so fit cannot train with it: call {use}")
+    make.__name__, make.decoding = f"make_{name.replace('-', '_')}", True
+    register_objective(name, paper=paper, config=config)(make)
+    return make
+
+@dataclass
+class EFTConfig:
+    beta: float = field(default=1.0, metadata=dict(ge=0))          # the strength of the small model's fine-tuning delta
+    max_new_tokens: int = field(default=16, metadata=dict(ge=1))   # the longest greedy answer
+
+register_decoding("eft", paper=EFT_PAPER, config=EFTConfig,
+                  use="peftlab.objectives.eft.eft_answers(base_large, tuned_small, base_small, tokenizer, examples, beta=..., max_new_tokens=...)")

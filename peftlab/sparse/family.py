@@ -46,7 +46,7 @@ def matched_options(name:str, model:nn.Module, budget:int)->dict:
     elif name == "dsee":
         lora_r = lora_budget(model, 1)
         opts.update(r=max(1, round(budget / 2 / lora_r)), density=budget / 2 / weights)
-    elif name not in UNMATCHED: raise ValueError(f"the sparse family does not know how to size {name!r}: add it to matched_options")
+    elif name not in UNMATCHED: raise ValueError(f"the sparse family does not know which option of {name!r} sets its trainable count: add it to matched_options")
     if name in NEEDS_DATA: opts["data"] = "calibration"
     return opts
 
@@ -59,19 +59,22 @@ def sparse_family(model:nn.Module,              # a model like the ones the runs
                   r:int=4,                      # the LoRA rank whose trainable count every method gets
                   names:list[str]|None=None,    # sparse methods (default: every registered one)
                   lr:float|None=None,           # the sparse methods' rate (default: `compare`'s)
-                 )->dict:
-    "`compare`'s run specs: LoRA at rank `r` and every sparse method at LoRA's trainable-parameter count."
+                 )->tuple[dict,dict]:
+    "`compare`'s run specs for LoRA at rank `r` and every sparse method at LoRA's trainable count, and why any is left out."
     discover()
     names = names or sorted(n for n, m in METHODS.items() if m.category == "sparse")
     if unknown := [n for n in names if n not in METHODS or METHODS[n].category != "sparse"]:
         raise ValueError(f"unknown sparse method(s) {unknown}: see pl.methods('sparse')")
     budget = lora_budget(model, r)
-    runs = {f"lora r={r}": dict(method="lora", options=dict(r=r, alpha=2 * r, targets="all-linear"))}
-    for n in names: runs[n] = dict(method=n, options=matched_options(n, model, budget), **({"lr": lr} if lr else {}))
-    return runs
+    runs, skipped = {f"lora r={r}": dict(method="lora", options=dict(r=r, alpha=2 * r, targets="all-linear"))}, {}
+    for n in names:
+        try: runs[n] = dict(method=n, options=matched_options(n, model, budget), **({"lr": lr} if lr else {}))
+        except ValueError as e: skipped[n] = str(e)
+    return runs, skipped
 
 def bench_sparse(args)->Comparison:
     "`peftlab bench --family sparse`: LoRA r=`--rank` (default 4) and every sparse method at its count, on one task; accuracy unless tiny-llama."
-    runs = sparse_family(load_model(args.model), r=args.rank or 4)
+    runs, skipped = sparse_family(load_model(args.model), r=args.rank or 4)
+    for name, why in skipped.items(): print(f"skipped {name}: {why}")
     return compare(runs, model=args.model, task=args.task, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
                    lr=args.lr or 2e-3, accuracy=args.model != "tiny-llama", progress=False)
