@@ -212,7 +212,7 @@ def test_every_method_stacks_correctly_or_refuses(tmp_path):
     assert sorted(stacked) == ["fourierft", "loha", "loldu", "lora", "miss", "slora"], stacked   # each checked above against itself alone
     assert {"adalora", "bone", "corda", "dora", "eva", "hydra", "ia3", "kasa", "lora-sb", "lora-ga", "olora", "pissa",
             "prefix-tuning", "prompt-tuning", "randlora", "ssf", "tlora", "vera", "lokr", "oft", "boft", "hra", "ln-tuning",
-            "trainable-tokens", "shira", "lt-sft"} <= set(refused), refused
+            "trainable-tokens", "shira", "lt-sft", "p-tuning", "adaption-prompt"} <= set(refused), refused
 
 FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the error says why
     ("dora", dict(r=2, targets=["q_proj"]), "DoraLinear computes a forward of its own"),
@@ -220,6 +220,8 @@ FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the 
     ("pissa", dict(r=2, targets=["q_proj"]), "rewrote its base weight"),
     ("adalora", dict(total_step=10), "trains with callbacks"),
     ("prompt-tuning", dict(num_virtual_tokens=2), "holds no layer adapter"),
+    ("p-tuning", dict(num_virtual_tokens=2), "holds no layer adapter"),
+    ("adaption-prompt", dict(adapter_len=2, adapter_layers=1), "holds no layer adapter"),
 ]
 
 @pytest.mark.parametrize("method,cfg,error", FIRST_REFUSES)

@@ -168,7 +168,9 @@ def lowrank_family(steps:int, lr:float=2e-3)->dict:
              "trainable-tokens": dict(options=dict(token_indices=[42, 216, 2504, 1462, 1850, 2240]), lr=3e-2),
              "c3a": dict(options=dict(block_size=32, init="zeros"), lr=1e-1), "road": dict(options=dict(variant="road_4"), lr=5 * lr),
              "delora": dict(options=dict(r=8, delora_lambda=1.0), lr=10 * lr), "vblora": dict(options=dict(r=8, num_vectors=32, vector_length=32)),
-             "gralora": dict(options=dict(r=8, gralora_k=2, alpha=16))}
+             "gralora": dict(options=dict(r=8, gralora_k=2, alpha=16)),
+             "p-tuning": dict(options=dict(num_virtual_tokens=16, encoder_hidden_size=32), lr=1e-2),
+             "adaption-prompt": dict(options=dict(adapter_len=64, adapter_layers=2), lr=1e-2)}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)
     return runs
