@@ -57,6 +57,12 @@ from .analysis.tmi import tmi, rank_by_tmi
 from .analysis.knowledge_injection import knowledge_injection
 from .sparse.core import SparseDelta, sparse_delta
 from .sparse.family import sparse_family
+from .sparse.snell import snell_delta
+from .sparse.light_peft_pat import prune_light_peft, prune_pat
+from .sparse.tinyfusion_vtrans import search_layers, layer_importance, drop_layers, prune_to_size
+from .sparse.fpf_prior import forgetting_scores, k_fpf, prior_probe
+from .sparse.apet_memcontrol import memcontrol_search
+from .adapters.adaption_prompt import remove_adaption_prompt
 from .optim.core import memory_ledger, MemoryLedger
 from .optim.lorafa import LoraFAAdamW, freeze_lora_A
 from .core.estimate import estimate_memory, MemoryEstimate

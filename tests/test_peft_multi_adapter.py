@@ -212,7 +212,7 @@ def test_every_method_stacks_correctly_or_refuses(tmp_path):
     assert sorted(stacked) == ["fourierft", "loha", "loldu", "lora", "miss", "slora"], stacked   # each checked above against itself alone
     assert {"adalora", "bone", "corda", "dora", "eva", "hydra", "ia3", "kasa", "lora-sb", "lora-ga", "olora", "pissa",
             "prefix-tuning", "prompt-tuning", "randlora", "ssf", "tlora", "vera", "lokr", "oft", "boft", "hra", "ln-tuning",
-            "trainable-tokens", "shira", "lt-sft", "p-tuning", "adaption-prompt"} <= set(refused), refused
+            "trainable-tokens", "shira", "lt-sft", "p-tuning", "adaption-prompt", "snell", "snella"} <= set(refused), refused
 
 FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the error says why
     ("dora", dict(r=2, targets=["q_proj"]), "DoraLinear computes a forward of its own"),

@@ -14,14 +14,19 @@ from ..core.data import get_task, sft_loader
 from ..core.models import load_model, load_tokenizer
 
 # %% auto #0
-__all__ = ['DENSITY_OPTION', 'NEEDS_DATA', 'FAMILY_OPTIONS', 'UNMATCHED', 'lora_budget', 'target_weights', 'matched_options',
-           'sparse_family', 'bench_sparse']
+__all__ = ['DENSITY_OPTION', 'NEEDS_DATA', 'FAMILY_OPTIONS', 'LR_SCALE', 'RANK_OPTION', 'UNMATCHED', 'NEEDS_SCORES',
+           'lora_budget', 'target_weights', 'matched_options', 'sparse_family', 'bench_sparse']
 
 # %% ../../nbs/sparse/99_family.ipynb #55f7c939
-DENSITY_OPTION = {"lt-sft": "density", "spiel": "density", "sara": "density", "lift": "density", "grafting": "density", "spt": "budget"}
+DENSITY_OPTION = {"lt-sft": "density", "spiel": "density", "sara": "density", "lift": "density", "grafting": "density", "spt": "budget",
+                  "apet": "density", "memcontrol": "density"}
 NEEDS_DATA = ("lt-sft", "spiel", "spt", "grafting")  # they select by gradients on training batches
 FAMILY_OPTIONS = {"lt-sft": dict(full_steps=20), "grafting": dict(full_steps=20, mask_steps=10)}  # their full fine-tunes, cut to family size
+LR_SCALE = {"snell": 30, "snella": 30}  # the kernelised update is second-order in its factors: it wants ~30x LoRA's rate (nbs/sparse/12_snell)
+RANK_OPTION = ("shira", "snell", "snella")  # r (d_in + d_out) trainable per matrix: LoRA's count at the same r
 UNMATCHED = ("migu",)  # trains every weight; its size is not a budget
+NEEDS_SCORES = {"fpf": "the modules `forgetting_scores` ranks from two checkpoints of a task sequence",
+                "prior-ft": "the layers `prior_probe` finds tracking the token prior"}  # chosen from evidence the family does not make
 
 def lora_budget(model:nn.Module, r:int, targets:str="all-linear")->int:
     "LoRA's trainable parameters at rank `r` on `targets`: r (d_in + d_out) per matrix."
@@ -36,9 +41,11 @@ def matched_options(name:str, model:nn.Module, budget:int)->dict:
     "Options that give sparse method `name` about `budget` trainable parameters on `model` (all linear layers)."
     weights, neurons = target_weights(model)
     if budget > weights: raise ValueError(f"a budget of {budget} exceeds the {weights} weights of the target linears: lower r")
+    if name in NEEDS_SCORES:
+        raise ValueError(f"{name!r} trains {NEEDS_SCORES[name]}, which a single-task comparison does not give: see its notebook")
     opts = dict(FAMILY_OPTIONS.get(name, {}))
     if name in DENSITY_OPTION: opts[DENSITY_OPTION[name]] = budget / weights
-    elif name == "shira": opts.update(r=round(budget / sum(m.in_features + m.out_features for m in find_targets(model, "all-linear").values())), targets="all-linear")
+    elif name in RANK_OPTION: opts.update(r=round(budget / lora_budget(model, 1)), targets="all-linear")
     elif name == "neuroada": opts["k"] = max(1, round(budget / neurons))
     elif name == "s2ft":
         every = trainable_report(apply(_copy(model), "s2ft", d_ratio=1.0)).trainable  # all down_proj columns
@@ -58,7 +65,7 @@ def _copy(model:nn.Module)->nn.Module:
 def sparse_family(model:nn.Module,              # a model like the ones the runs start from (sizes the budget)
                   r:int=4,                      # the LoRA rank whose trainable count every method gets
                   names:list[str]|None=None,    # sparse methods (default: every registered one)
-                  lr:float|None=None,           # the sparse methods' rate (default: `compare`'s)
+                  lr:float=2e-3,                # the comparison's rate (scaled by LR_SCALE for the methods that want more)
                  )->tuple[dict,dict]:
     "`compare`'s run specs for LoRA at rank `r` and every sparse method at LoRA's trainable count, and why any is left out."
     discover()
@@ -66,15 +73,15 @@ def sparse_family(model:nn.Module,              # a model like the ones the runs
     if unknown := [n for n in names if n not in METHODS or METHODS[n].category != "sparse"]:
         raise ValueError(f"unknown sparse method(s) {unknown}: see pl.methods('sparse')")
     budget = lora_budget(model, r)
-    runs, skipped = {f"lora r={r}": dict(method="lora", options=dict(r=r, alpha=2 * r, targets="all-linear"))}, {}
+    runs, skipped = {f"lora r={r}": dict(method="lora", options=dict(r=r, alpha=2 * r, targets="all-linear"), lr=lr)}, {}
     for n in names:
-        try: runs[n] = dict(method=n, options=matched_options(n, model, budget), **({"lr": lr} if lr else {}))
+        try: runs[n] = dict(method=n, options=matched_options(n, model, budget), lr=lr * LR_SCALE.get(n, 1))
         except ValueError as e: skipped[n] = str(e)
     return runs, skipped
 
 def bench_sparse(args)->Comparison:
     "`peftlab bench --family sparse`: LoRA r=`--rank` (default 4) and every sparse method at its count, on one task; accuracy unless tiny-llama."
-    runs, skipped = sparse_family(load_model(args.model), r=args.rank or 4)
+    runs, skipped = sparse_family(load_model(args.model), r=args.rank or 4, lr=args.lr or 2e-3)
     for name, why in skipped.items(): print(f"skipped {name}: {why}")
     return compare(runs, model=args.model, task=args.task, steps=args.steps, n_train=args.n_train, n_test=args.n_test,
                    lr=args.lr or 2e-3, accuracy=args.model != "tiny-llama", progress=False)
