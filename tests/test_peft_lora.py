@@ -90,6 +90,7 @@ def test_corrupt_and_mismatched_files_leave_base_untouched(tmp_path):
     with pytest.raises(ValueError, match="shape mismatch"): load_adapter(base, tmp_path)
     assert adapters(base) == {}
     assert_close(base(X).logits, ref)
+    assert not (base._forward_hooks or base._forward_pre_hooks or "generate" in vars(base) or hasattr(base, "_peftlab_adapter_names"))  # no hooks left behind
     (tmp_path/"adapter_model.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(ValueError, match="corrupt"): load_adapter(base, tmp_path)
     (tmp_path/"adapter_config.json").write_text("{not json")

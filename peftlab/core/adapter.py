@@ -212,7 +212,8 @@ def unload(model:nn.Module)->nn.Module:
         for a in adapter_chain(top): a.unmerge()
         replace_module(model, name, bare_layer(top))
     _forget_method(model)
-    return model
+    from peftlab.core.named import disable_adapter_names   # the adapter_names hooks go with the adapters
+    return disable_adapter_names(model)
 
 # %% ../../nbs/core/04_adapter.ipynb #ecd8f016
 def record_method(model:nn.Module, name:str, config)->nn.Module:

@@ -15,8 +15,8 @@ from .registry import Method, METHODS, discover
 # %% auto #0
 __all__ = ['PLAIN_INITS', 'adapter_names', 'check_names', 'switch_problem', 'stack_problem', 'method_problem', 'layerless',
            'sharing_problems', 'add_adapter', 'set_adapter', 'active_adapters', 'disabled_adapters', 'delete_adapter',
-           'only_adapter', 'mixed_batch', 'GenerateWithAdapterNames', 'enable_adapter_names', 'adapter_parameters',
-           'adapter_param_groups']
+           'only_adapter', 'mixed_batch', 'GenerateWithAdapterNames', 'enable_adapter_names', 'disable_adapter_names',
+           'adapter_parameters', 'adapter_param_groups']
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0006
 def adapter_names(model:nn.Module)->list[str]:
@@ -252,10 +252,16 @@ class GenerateWithAdapterNames:
 def enable_adapter_names(model:nn.Module)->nn.Module:
     "Let `model(...)` and `model.generate(...)` take `adapter_names` (once per model; `inject` calls it)."
     if model.__dict__.get("_peftlab_adapter_names"): return model
-    model.register_forward_pre_hook(_rows_pre_hook, with_kwargs=True)
-    model.register_forward_hook(_rows_post_hook, with_kwargs=True, always_call=True)
+    handles = (model.register_forward_pre_hook(_rows_pre_hook, with_kwargs=True),
+               model.register_forward_hook(_rows_post_hook, with_kwargs=True, always_call=True))
     if callable(getattr(type(model), "generate", None)): model.generate = GenerateWithAdapterNames(model)
-    model._peftlab_adapter_names = True
+    model._peftlab_adapter_names = handles   # kept to take them off again: `unload` leaves the base as it was
+    return model
+
+def disable_adapter_names(model:nn.Module)->nn.Module:
+    "Undo `enable_adapter_names`: the hooks and the `generate` wrapper come off (`unload` calls it)."
+    for h in model.__dict__.pop("_peftlab_adapter_names", None) or (): h.remove()
+    if isinstance(model.__dict__.get("generate"), GenerateWithAdapterNames): del model.generate
     return model
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0040
