@@ -116,6 +116,8 @@ def compare(runs:dict,                       # label -> dict(method=name|None, o
     from tqdm.auto import tqdm
     make = model if callable(model) else (lambda: load_model(model, seed=seed))
     if data is None: train_data, test, calibration, measure = _task_data(model, task, n_train, n_test, batch_size, seed, max_len, accuracy, max_new_tokens, measure)
+    elif not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise ValueError(f"compare's data= takes (train, test): a fit data source and a list of held-out batches, not {type(data).__name__}")
     else: train_data, test, calibration = (lambda: data[0]), data[1], _first_batches(data[0], 4)
     rows, logs = {}, {}
     for label, spec in tqdm(runs.items(), disable=not progress, desc="compare"):

@@ -54,6 +54,7 @@ def objective_family(names:list[str]|None=None,   # objectives to compare (defau
                      options:dict|None=None,      # objective -> its options, over FAMILY_OPTIONS
                     )->tuple[dict,dict]:
     "`compare`'s run specs for plain SFT and each objective with the same LoRA, and why the left-out objectives are left out."
+    if r < 1: raise ValueError(f"objective_family's LoRA rank r={r}: give r >= 1")
     usable, skipped = sft_objectives(names)
     lora = dict(method="lora", options=dict(r=r, alpha=2 * r, targets="all-linear"))
     opts = {**FAMILY_OPTIONS, **(options or {})}

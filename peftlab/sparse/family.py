@@ -72,6 +72,7 @@ def sparse_family(model:nn.Module,              # a model like the ones the runs
     names = names or sorted(n for n, m in METHODS.items() if m.category == "sparse")
     if unknown := [n for n in names if n not in METHODS or METHODS[n].category != "sparse"]:
         raise ValueError(f"unknown sparse method(s) {unknown}: see pl.methods('sparse')")
+    if r < 1 or lr <= 0: raise ValueError(f"sparse_family needs r >= 1 and lr > 0 (got r={r}, lr={lr})")
     budget = lora_budget(model, r)
     runs, skipped = {f"lora r={r}": dict(method="lora", options=dict(r=r, alpha=2 * r, targets="all-linear"), lr=lr)}, {}
     for n in names:
