@@ -65,6 +65,8 @@ from .sparse.apet_memcontrol import memcontrol_search
 from .adapters.adaption_prompt import remove_adaption_prompt
 from .optim.core import memory_ledger, MemoryLedger
 from .optim.lorafa import LoraFAAdamW, freeze_lora_A
+from .optim.riemannian import riemannian_optimizer
+from .adapters.convert_to_lora import convert_to_lora
 from .core.estimate import estimate_memory, MemoryEstimate
 from .core.export import save_merged, requantization_error, gguf_ready
 from .core.claims import ledger, ledger_markdown

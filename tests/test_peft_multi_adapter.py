@@ -179,6 +179,11 @@ def _perturb(model, name, seed):
 _IDS = torch.randint(0, 49152, (2, 8))
 _DATA = [dict(input_ids=_IDS, attention_mask=torch.ones_like(_IDS), labels=_IDS)]
 OPTIONS = dict(adalora=dict(total_step=10), bone=dict(r=4), shira=dict(r=4), **{"trainable-tokens": dict(token_indices=[5, 7])},
+               pvera=dict(r=8), unilora=dict(r=2, theta_d_length=64), tinylora=dict(u=4), peanut=dict(r=2), supertuning=dict(sparsity=0.9),
+               shadow=dict(r=4), frod=dict(sparse_rate=0.05), waveft=dict(n_frequency=100), glora=dict(r=2), deft=dict(r=2), psoft=dict(r=4),
+               osf=dict(effective_rank=0.75), hira=dict(r=2), lily=dict(r=4, num_B=2), adamss=dict(r=8, num_subspaces=2, subspace_rank=1),
+               qalora=dict(r=2, group_size=16), bdlora=dict(r=2, nblocks=2), velora=dict(r=4, num_groups=8),
+               alora=dict(r=2, invocation_tokens=[5, 6]),
                **{m: dict(init_data=_DATA) for m in ("corda", "eva", "lora-sb", "lora-ga")})
 
 def _applies_alone(method):
@@ -209,10 +214,13 @@ def test_every_method_stacks_correctly_or_refuses(tmp_path):
         assert_close(mixed[[0, 3]], alone(X).logits[[0, 3]], msg=method)
         set_adapter(model, "default"); assert_close(mixed[1], model(X).logits[1], msg=method)
         stacked.append(method)
-    assert sorted(stacked) == ["fourierft", "loha", "loldu", "lora", "miss", "slora"], stacked   # each checked above against itself alone
+    assert sorted(stacked) == ["bdlora", "fourierft", "gralora", "loha", "loldu", "lora", "miss", "monteclora", "qalora", "slora",
+                              "supertuning", "velora", "waveft"], stacked   # each checked above against itself alone
     assert {"adalora", "bone", "corda", "dora", "eva", "hydra", "ia3", "kasa", "lora-sb", "lora-ga", "olora", "pissa",
             "prefix-tuning", "prompt-tuning", "randlora", "ssf", "tlora", "vera", "lokr", "oft", "boft", "hra", "ln-tuning",
-            "trainable-tokens", "shira", "lt-sft", "p-tuning", "adaption-prompt", "snell", "snella"} <= set(refused), refused
+            "trainable-tokens", "shira", "lt-sft", "p-tuning", "adaption-prompt", "snell", "snella", "pvera", "unilora", "tinylora",
+            "peanut", "shadow", "beft", "frod", "glora", "deft", "psoft", "osf", "hira", "lily", "adamss", "alora", "loftq",
+            "multitask-prompt-tuning", "cartridge"} <= set(refused), refused
 
 FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the error says why
     ("dora", dict(r=2, targets=["q_proj"]), "DoraLinear computes a forward of its own"),
@@ -222,6 +230,8 @@ FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the 
     ("prompt-tuning", dict(num_virtual_tokens=2), "holds no layer adapter"),
     ("p-tuning", dict(num_virtual_tokens=2), "holds no layer adapter"),
     ("adaption-prompt", dict(adapter_len=2, adapter_layers=1), "holds no layer adapter"),
+    ("loftq", dict(r=2, targets=["q_proj"]), "rewrote its base weight"),
+    ("alora", dict(r=2, targets=["q_proj"], invocation_tokens=[5, 6]), "ALoraLinear merges in a way of its own"),
 ]
 
 @pytest.mark.parametrize("method,cfg,error", FIRST_REFUSES)

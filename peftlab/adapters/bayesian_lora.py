@@ -10,7 +10,7 @@ from torch import nn
 from ..core.adapter import inject, record_method, adapters
 from ..core.registry import register
 from ..core.train import Callback
-from .lora import LoraLinear, get_lora_init, LoraConfig
+from .lora import refuse_lora_bias, LoraLinear, get_lora_init, LoraConfig
 
 # %% auto #0
 __all__ = ['LEVELS', 'BayesianLoRAConfig', 'fake_quantize', 'nested_quantize', 'BayesLoraLinear', 'expected_bits', 'blora_layers',
@@ -128,6 +128,7 @@ class BayesianGates(Callback):
           paper="Bayesian-LoRA: LoRA based Parameter Efficient Fine-Tuning using Optimal Quantization levels and Rank Values trough Differentiable Bayesian Gates")
 def apply_bayesian_lora(model:nn.Module, config:BayesianLoRAConfig)->nn.Module:
     "Wrap `config.targets` in `BayesLoraLinear`; trains with `BayesianGates` (see `method_callbacks`)."
+    refuse_lora_bias(config, "bayesian-lora")   # PEFT's lora_bias: plain LoRA has it, bayesian-lora does not
     make = lambda name, base: BayesLoraLinear(base, config.r, config.alpha, config.gate_init, dropout=config.dropout, rslora=config.rslora, name=name)
     get_lora_init(config).fn(model, inject(model, config.targets, make, "bayesian-lora"), config)
     return record_method(model, "bayesian-lora", config)

@@ -12,7 +12,7 @@ from ..core.adapter import inject, record_method, adapters, applied_method
 from ..core.surgery import replace_module
 from ..core.registry import register
 from ..core.train import Callback
-from .lora import LoraConfig, LoraLinear, get_lora_init
+from .lora import refuse_lora_bias, LoraConfig, LoraLinear, get_lora_init
 
 # %% auto #0
 __all__ = ['DiffoRAConfig', 'GatedLoraLinear', 'gated_layers', 'keep_modules', 'discretize', 'DiffoRASelect', 'apply_diffora']
@@ -80,6 +80,7 @@ class DiffoRASelect(Callback):
           paper="DiffoRA: Enabling Parameter-Efficient LLM Fine-Tuning via Differential Low-Rank Matrix Adaptation")
 def apply_diffora(model:nn.Module, config:DiffoRAConfig)->nn.Module:
     "Gated LoRA on `config.targets` (plain LoRA once `gated` is False); trains with `DiffoRASelect`."
+    refuse_lora_bias(config, "diffora")   # PEFT's lora_bias: plain LoRA has it, diffora does not
     init = get_lora_init(config)
     def make(name, base):
         a = GatedLoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, name)

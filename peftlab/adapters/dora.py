@@ -10,7 +10,7 @@ from torch import nn
 import torch.nn.functional as F
 from ..core.adapter import inject, record_method, dense_weight, _check_mergeable
 from ..core.registry import register
-from .lora import LoraConfig, LoraLinear, get_lora_init, _to_peft as _lora_to_peft, _from_peft as _lora_from_peft
+from .lora import refuse_lora_bias, LoraConfig, LoraLinear, get_lora_init, _to_peft as _lora_to_peft, _from_peft as _lora_from_peft
 
 # %% auto #0
 __all__ = ['DoraConfig', 'DoraLinear', 'apply_dora']
@@ -96,6 +96,7 @@ def _from_peft(cfg:dict)->dict|None:
           config=DoraConfig, peft="LORA", to_peft=_to_peft, from_peft=_from_peft)
 def apply_dora(model:nn.Module, config:DoraConfig)->nn.Module:
     "Wrap `config.targets` of `model` in `DoraLinear`, initialise A and B, then m."
+    refuse_lora_bias(config, "dora")   # PEFT's lora_bias: plain LoRA has it, dora does not
     init = get_lora_init(config)
     make = lambda name, base: DoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, name)
     layers = inject(model, config.targets, make, "dora")

@@ -12,7 +12,7 @@ from torch import nn
 from ..core.adapter import inject, record_method, adapters, applied_method
 from ..core.registry import register
 from ..core.train import Callback, compute_loss, to_device, Batches
-from .lora import LoraConfig, get_lora_init, init_kaiming
+from .lora import refuse_lora_bias, LoraConfig, get_lora_init, init_kaiming
 from .diffora import GatedLoraLinear, gated_layers, keep_modules
 
 # %% auto #0
@@ -43,6 +43,7 @@ def layer_gates(model:nn.Module)->dict[str,nn.Parameter]:
           paper="Flexora: Flexible Low Rank Adaptation for Large Language Models")
 def apply_flexora(model:nn.Module, config:FlexoraConfig)->nn.Module:
     "LoRA on `config.targets` gated per transformer layer (plain LoRA once `gated` is False); trains with `FlexoraSearch`."
+    refuse_lora_bias(config, "flexora")   # PEFT's lora_bias: plain LoRA has it, flexora does not
     gates = {}
     def make(name, base):
         a = GatedLoraLinear(base, config.r, config.alpha, config.dropout, config.rslora, name)

@@ -10,13 +10,16 @@ from functools import partial
 from typing import Any, Callable
 import torch
 from torch import nn
-from ..core.adapter import LayerAdapter, inject, adapters, record_method, dense_weight
-from ..core.registry import register, discover
+from ..core.adapter import LayerAdapter, inject, adapters, record_method, dense_weight, bare_layer
+from ..core.io import refuse_peft_options, peft_option_error
+from ..core.registry import register, discover, METHODS
 
 # %% auto #0
-__all__ = ['LORA_INITS', 'LoraConfig', 'check_rank', 'pattern_value', 'adapter_dtype', 'LoraLinear', 'LoraInit',
-           'register_lora_init', 'apply_with_init', 'init_kaiming', 'init_gaussian', 'get_lora_init',
-           'check_init_options', 'apply_lora']
+__all__ = ['LORA_INITS', 'LORA_OPTION_METHODS', 'LORA_PEFT_UNSUPPORTED', 'LORA_PEFT_READ', 'LoraConfig', 'check_rank',
+           'pattern_value', 'adapter_dtype', 'LoraLinear', 'LoraInit', 'register_lora_init', 'apply_with_init',
+           'zero_lora_B', 'init_kaiming', 'init_gaussian', 'get_lora_init', 'check_init_options',
+           'lora_variant_options', 'peft_lora_kwargs', 'check_lora_bias_init', 'apply_lora', 'LoraBiasLinear',
+           'refuse_lora_bias']
 
 # %% ../../nbs/adapters/00_lora.ipynb #fcffbef5
 @dataclass
@@ -31,6 +34,7 @@ class LoraConfig:
     init_options: dict = field(default_factory=dict)  # the init's own knobs (EVA's rho, CorDA's mode, ...)
     rank_pattern: dict = field(default_factory=dict)  # {module name or suffix/regex: rank} for layers that differ from r
     alpha_pattern: dict = field(default_factory=dict) # {module name or suffix/regex: alpha}, likewise
+    lora_bias: bool = False               # a trainable bias b on B (PEFT's `lora_bias`): the update is (alpha / r) · (B A x + b)
 
     @property
     def scaling(self)->float: return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
@@ -56,13 +60,14 @@ def adapter_dtype(base:nn.Module)->torch.dtype:
 
 class LoraLinear(LayerAdapter):
     "A frozen linear layer plus (alpha/r)·B·A."
-    def __init__(self, base_layer:nn.Module, r:int, alpha:float, dropout:float=0.0, rslora:bool=False, name:str=''):
+    def __init__(self, base_layer:nn.Module, r:int, alpha:float, dropout:float=0.0, rslora:bool=False, name:str='',
+                 bias:bool=False):  # a trainable bias on B (PEFT's `lora_bias`)
         super().__init__(base_layer)
         check_rank(r, base_layer, name)
         dt = adapter_dtype(base_layer)
         self.r, self.scaling = r, alpha / (math.sqrt(r) if rslora else r)
         self.lora_A = nn.Linear(self.in_features, r, bias=False, dtype=dt)   # (r, in)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, dtype=dt)  # (out, r)
+        self.lora_B = nn.Linear(r, self.out_features, bias=bias, dtype=dt)  # (out, r), bias (out,)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.to(device=dense_weight(base_layer).device)
 
@@ -96,15 +101,20 @@ def apply_with_init(init:str, model:nn.Module, config:LoraConfig)->nn.Module:
     "LoRA with `init`: what `apply(model, \"pissa\", r=8)` does for an init registered with its paper."
     return apply_lora(model, dataclasses.replace(config, init=init))
 
+def zero_lora_B(layer:LoraLinear):
+    "B = 0 (and its bias, if any): the adapted model starts as the base."
+    nn.init.zeros_(layer.lora_B.weight)
+    if layer.lora_B.bias is not None: nn.init.zeros_(layer.lora_B.bias)
+
 @register_lora_init("kaiming", peft=True)
 def init_kaiming(model, layers, config):
     for l in layers.values():
-        nn.init.kaiming_uniform_(l.lora_A.weight, a=math.sqrt(5)); nn.init.zeros_(l.lora_B.weight)
+        nn.init.kaiming_uniform_(l.lora_A.weight, a=math.sqrt(5)); zero_lora_B(l)
 
 @register_lora_init("gaussian", peft="gaussian")
 def init_gaussian(model, layers, config):
     for l in layers.values():
-        nn.init.normal_(l.lora_A.weight, std=1 / l.r); nn.init.zeros_(l.lora_B.weight)
+        nn.init.normal_(l.lora_A.weight, std=1 / l.r); zero_lora_B(l)
 
 def get_lora_init(config:LoraConfig)->LoraInit:
     "The registered init named by `config.init`, checked against the data it needs."
@@ -129,34 +139,102 @@ def _to_peft(config:LoraConfig, model:nn.Module)->dict:
     return dict(peft_type="LORA", task_type="CAUSAL_LM", r=config.r, lora_alpha=config.alpha,
                 lora_dropout=config.dropout, use_rslora=config.rslora, target_modules=targets,
                 init_lora_weights=LORA_INITS[config.init].peft if config.init in LORA_INITS else True,
-                rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern,
+                rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern, lora_bias=config.lora_bias,
                 bias="none", fan_in_fan_out=False, modules_to_save=None, inference_mode=True, use_dora=False,
                 base_model_name_or_path=getattr(getattr(model, "config", None), "name_or_path", None))
 
-_UNSUPPORTED_PEFT = dict(bias="none", fan_in_fan_out=False,
-                         layers_to_transform=None, modules_to_save=None, exclude_modules=None, lora_bias=False)
+# %% ../../nbs/adapters/00_lora.ipynb #a47e2f69
+LORA_OPTION_METHODS = {  # PEFT LoraConfig option -> the peftlab method that loads files setting it
+    "use_dora": "dora", "kasa_config": "kasa", "alora_invocation_tokens": "alora", "use_qalora": "qalora",
+    "use_bdlora": "bdlora", "velora_config": "velora", "monteclora_config": "monteclora", "arrow_config": "arrow",
+    "loftq_config": "loftq"}  # LoftQ's file needs its quantised base rebuilt with the saved options
 
-def _from_peft(cfg:dict)->dict|None:
-    "Our LoRA config kwargs from PEFT's adapter_config.json, or None if it is not plain LoRA."
-    if cfg.get("use_dora") or cfg.get("kasa_config"): return None   # DoRA's and KaSA's files: their own methods load them
-    for k, ok in _UNSUPPORTED_PEFT.items():
-        if cfg.get(k, ok) not in (ok, None, {}, []):
-            raise ValueError(f"PEFT LoRA option {k}={cfg[k]!r} is not supported by peftlab's LoRA")
+LORA_PEFT_UNSUPPORTED = dict(  # PEFT LoRA options that change the computation, at the value LoRA behaves as
+    bias="none", fan_in_fan_out=False, layers_to_transform=None, modules_to_save=None, exclude_modules=None,
+    layer_replication=None, target_parameters=None, trainable_token_indices=None, megatron_config=None,
+    ensure_weight_tying=False)
+
+LORA_PEFT_READ = ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "init_lora_weights", "rank_pattern",
+                  "alpha_pattern", "lora_bias",
+                  # only steer an init (the tensors hold its result), or only matter beside an option refused above
+                  "eva_config", "corda_config", "lora_ga_config", "runtime_config", "layers_pattern",
+                  "megatron_core", "qalora_group_size")
+
+def lora_variant_options(cfg:dict)->list[str]:
+    "The LoRA-variant options PEFT's adapter_config.json `cfg` sets (see `LORA_OPTION_METHODS`)."
+    return [k for k in LORA_OPTION_METHODS if cfg.get(k)]
+
+def peft_lora_kwargs(cfg:dict,      # PEFT's LORA adapter_config.json
+                     method:str='lora',  # the peftlab method loading it, for the messages
+                     own:tuple=(),  # the variant options `method` reads itself
+                     unsupported:dict={},  # more options `method` refuses, at the value it behaves as (e.g. lora_bias=False)
+                    )->dict:
+    "LoRA config kwargs from `cfg`, after refusing every option that `method` does not read (PEFT's version named)."
+    others = {k: False if k.startswith("use_") else None for k in LORA_OPTION_METHODS if k not in own}
+    refuse_peft_options(cfg, method, {**LORA_PEFT_UNSUPPORTED, **others, **unsupported}, known=(*LORA_PEFT_READ, *own))
     inits = {v.peft: k for k, v in LORA_INITS.items() if isinstance(v.peft, str)}
     init = cfg.get("init_lora_weights", True)
     return dict(r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
-                rslora=cfg.get("use_rslora", False), targets=cfg["target_modules"],
+                rslora=cfg.get("use_rslora", False), targets=cfg["target_modules"], lora_bias=bool(cfg.get("lora_bias")),
                 rank_pattern=cfg.get("rank_pattern") or {}, alpha_pattern=cfg.get("alpha_pattern") or {},
                 init=inits.get(init, "kaiming") if isinstance(init, str) else "kaiming")
 
+def _from_peft(cfg:dict)->dict|None:
+    "Our LoRA config kwargs from PEFT's adapter_config.json; None if a variant's method loads it."
+    if variant := lora_variant_options(cfg):
+        option, method = variant[0], LORA_OPTION_METHODS[variant[0]]
+        if method not in METHODS: discover()
+        if method in METHODS: return None   # DoRA's, KaSA's, aLoRA's, ... files: their own methods load them
+        raise peft_option_error(cfg, "lora", option, cfg[option], f"peftlab has no method {method!r} that loads it")
+    return peft_lora_kwargs(cfg)
+
 # %% ../../nbs/adapters/00_lora.ipynb #79a41091
+def check_lora_bias_init(config:LoraConfig):
+    "Raise if `config` asks for a bias on B with an init other than kaiming (PEFT allows `lora_bias` only with its default init)."
+    if config.lora_bias and config.init != "kaiming":
+        raise ValueError(f"lora_bias=True works with init='kaiming' only (PEFT allows lora_bias only with init_lora_weights=True), "
+                         f"not init={config.init!r}: inits that fill A and B from the weights or data have no bias to start")
+
 @register("lora", category="adapter", paper="LoRA: Low-Rank Adaptation of Large Language Models",
           config=LoraConfig, peft="LORA", to_peft=_to_peft, from_peft=_from_peft)
 def apply_lora(model:nn.Module, config:LoraConfig)->nn.Module:
     "Wrap `config.targets` of `model` in `LoraLinear` and initialise them."
     init = get_lora_init(config)
-    make = lambda name, base: LoraLinear(base, pattern_value(name, config.rank_pattern, config.r),
-                                         pattern_value(name, config.alpha_pattern, config.alpha), config.dropout, config.rslora, name)
+    check_lora_bias_init(config)
+    layer = LoraBiasLinear if config.lora_bias else LoraLinear   # (defined under "A bias on B" below)
+    make = lambda name, base: layer(base, pattern_value(name, config.rank_pattern, config.r), pattern_value(name, config.alpha_pattern, config.alpha),
+                                    config.dropout, config.rslora, name)
     layers = inject(model, config.targets, make, "lora")
     config = init.fn(model, layers, config) or config   # an init may change ranks or targets (EVA's redistribution)
     return record_method(model, "lora", config)
+
+# %% ../../nbs/adapters/00_lora.ipynb #83eaaff9
+class LoraBiasLinear(LoraLinear):
+    "`LoraLinear` with a trainable bias on B (PEFT's `lora_bias`); merging folds (α/r)·b into the base bias."
+    def __init__(self, base_layer:nn.Module, r:int, alpha:float, dropout:float=0.0, rslora:bool=False, name:str=''):
+        super().__init__(base_layer, r, alpha, dropout, rslora, name, bias=True)
+
+    def _check_bias(self):
+        if getattr(bare_layer(self), "bias", None) is None:
+            raise RuntimeError(f"cannot merge a LoRA with lora_bias=True into a {type(bare_layer(self)).__name__} "
+                               f"({self.in_features} -> {self.out_features}) without a bias: keep the adapter unmerged (PEFT refuses this merge too)")
+
+    def merge(self):
+        "Fold ΔW into the base weight and (α/r)·b into the base bias."
+        if self.merged: return
+        self._check_bias()
+        LayerAdapter.merge(self)
+        b = bare_layer(self).bias
+        with torch.no_grad(): b.add_((self.lora_B.bias * self.scaling).to(b.dtype))
+
+    def unmerge(self):
+        "Take ΔW and the bias term back out of the base."
+        if not self.merged: return
+        LayerAdapter.unmerge(self)
+        b = bare_layer(self).bias
+        with torch.no_grad(): b.sub_((self.lora_B.bias * self.scaling).to(b.dtype))
+
+def refuse_lora_bias(config, method:str):
+    "Raise if `config` asks for PEFT's `lora_bias`, which LoRA variant `method` does not implement."
+    if getattr(config, "lora_bias", False):
+        raise ValueError(f"{method} does not support lora_bias=True (a trainable bias on lora_B): use plain 'lora' for it, or lora_bias=False")

@@ -152,11 +152,12 @@ def lowrank_family(steps:int, lr:float=2e-3)->dict:
     r8 = dict(r=8)
     runs = {"full fine-tuning": dict(method=None, lr=1e-3), "lora": dict(method="lora", options=r8),
             "lora (rslora)": dict(method="lora", options=dict(r=8, rslora=True))}
-    for init in ("pissa", "olora", "eva", "corda", "lora_ga", "nlora"):
+    for init in ("pissa", "olora", "eva", "corda", "lora_ga", "nlora", "loftq"):
         if init in LORA_INITS:
             data = {"init_data": "calibration"} if LORA_INITS[init].needs_data else {}
             runs[f"lora init={init}"] = dict(method="lora", options=dict(r=8, init=init, **data))
     if "lora init=eva" in runs: runs["lora init=eva"]["options"]["init_options"] = dict(tau=0.9)  # 4 batches: a looser convergence test
+    if "lora init=loftq" in runs: runs["lora init=loftq"]["options"]["init_options"] = dict(loftq_iter=5)
     specs = {"dora": dict(options=r8), "adalora": dict(options=dict(init_r=12, target_r=8, total_step=steps, tinit=steps // 5, tfinal=steps // 5)),
              "randlora": dict(options=dict(r=32)), "ia3": dict(lr=1e-2), "prompt-tuning": dict(options=dict(num_virtual_tokens=16), lr=1e-2),
              "prefix-tuning": dict(lr=1e-2), "bone": dict(options=r8), "ssf": dict(lr=2e-2), "loldu": dict(options=r8, lr=5e-2),
@@ -172,7 +173,19 @@ def lowrank_family(steps:int, lr:float=2e-3)->dict:
              "delora": dict(options=dict(r=8, delora_lambda=1.0), lr=10 * lr), "vblora": dict(options=dict(r=8, num_vectors=32, vector_length=32)),
              "gralora": dict(options=dict(r=8, gralora_k=2, alpha=16)),
              "p-tuning": dict(options=dict(num_virtual_tokens=16, encoder_hidden_size=32), lr=1e-2),
-             "adaption-prompt": dict(options=dict(adapter_len=64, adapter_layers=2), lr=1e-2)}
+             "adaption-prompt": dict(options=dict(adapter_len=64, adapter_layers=2), lr=1e-2),
+             "pvera": dict(options=dict(r=512), lr=2e-2), "unilora": dict(options=dict(r=8, theta_d_length=16384), lr=1e-2),
+             "tinylora": dict(options=dict(r=32, u=1024), lr=1e-2), "peanut": dict(options=dict(r=8, targets="all-linear"), lr=3 * lr),
+             "supertuning": dict(options=dict(sparsity=7 / 9, targets="all-linear"), lr=3 * lr),
+             "shadow": dict(options=dict(r=8, shadow_intermediate_size=8, shadow_attention_heads=2), lr=3 * lr),
+             "beft": dict(lr=1e-2), "frod": dict(options=dict(sparse_rate=0.1875, targets="all-linear"), lr=10 * lr),
+             "waveft": dict(options=dict(n_frequency=1170, targets="all-linear"), lr=lr / 5), "glora": dict(options=dict(r=4)), "deft": dict(options=r8),
+             "psoft": dict(options=dict(r=32), lr=2 * lr), "osf": dict(options=dict(effective_rank=56, rank_pattern={"k_proj|v_proj": 24})),
+             "hira": dict(options=r8, lr=10 * lr), "lily": dict(options=dict(r=10, stride_A=2, num_B=2)),
+             "adamss": dict(options=dict(r=24, num_subspaces=8, subspace_rank=4)),
+             "alora": dict(options=dict(r=8, invocation_tokens=[1, 520, 9531, 198])),   # <|im_start|>assistant\n: the answer's header
+             "qalora": dict(options=dict(r=15, group_size=16)), "bdlora": dict(options=dict(r=12, nblocks=2)),
+             "velora": dict(options=dict(r=8, num_groups=8))}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)
     return runs

@@ -35,7 +35,7 @@ def check_names(model:nn.Module,
     return names
 
 # %% ../../nbs/core/12_named_adapters.ipynb #9c4e0009
-PLAIN_INITS = ("kaiming", "gaussian")   # LoRA inits that read nothing from the base weights
+PLAIN_INITS = ("kaiming", "gaussian", "zeros")   # inits that read nothing from the base weights (LoRA's, and the zero starts of other adapters)
 
 def switch_problem(a:LayerAdapter)->str|None:
     "Why layer adapter `a` cannot be switched off or serve some rows only (None if it can)."

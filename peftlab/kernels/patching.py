@@ -103,6 +103,7 @@ def _lora_forward(self, x):
     dt = x.dtype if isinstance(base, nn.Linear) else _compute_dtype(base, x)   # as the NF4 layer would compute
     A, B = self.lora_A.weight.to(dt), self.lora_B.weight.to(dt)                # (r, in), (out, r)
     y = _optional("peftlab.kernels.lora_linear_kernel").lora_linear(x.to(dt), w, A, B, self.scaling, _bias(base, dt))
+    if self.lora_B.bias is not None: y = y + self.scaling * self.lora_B.bias.to(dt)   # (..., N): lora_bias, outside the kernel so it trains
     return y.to(x.dtype)
 
 def _nf4_forward(self, x):
@@ -117,7 +118,7 @@ KINDS = ("rms_norm", "rope", "swiglu", "loss", "lora", "nf4")
 
 def _lora_targets(m:nn.Module)->bool:
     lora = _optional("peftlab.adapters.lora")
-    return (lora is not None and type(m) is lora.LoraLinear and _optional("peftlab.kernels.lora_linear_kernel") is not None
+    return (lora is not None and type(m) in (lora.LoraLinear, lora.LoraBiasLinear) and _optional("peftlab.kernels.lora_linear_kernel") is not None
             and (isinstance(m.base_layer, nn.Linear) or _nf4_weight(m.base_layer) is not None))
 
 def _targets(model:nn.Module, kinds)->dict[str,tuple]:
