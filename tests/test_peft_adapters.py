@@ -69,14 +69,11 @@ def test_prompt_tuning_cannot_merge():
     m = apply(tiny_llama(), "prompt-tuning", num_virtual_tokens=2)
     with pytest.raises(TypeError, match="cannot be merged"): merge_prompt(m)
 
-def test_prefix_tuning_cannot_merge_and_generates_like_peft():
+def test_prefix_tuning_cannot_merge():
+    "(Its generate equals decoding without a cache: tests/test_peft_mpt_cpt_cartridge.py. PEFT 0.21's generate drops the prefix under transformers 5.)"
     from peftlab.adapters.prefix_tuning import merge_prefix
     ours = perturb(apply(tiny_llama(), "prefix-tuning", num_virtual_tokens=3))
     with pytest.raises(TypeError, match="cannot be merged"): merge_prefix(ours)
-    d = tempfile.mkdtemp(); save_adapter(ours, d)
-    theirs = peft.PeftModel.from_pretrained(tiny_llama(), d)
-    kw = dict(**inputs(), max_new_tokens=5, do_sample=False)
-    assert torch.equal(theirs.generate(**kw), ours.generate(**kw))
 
 @pytest.mark.parametrize("name,kw,msg", [
     ("dora", dict(r=100), "does not fit"),

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 from ..core.adapter import record_method
 from ..core.surgery import freeze
 from ..core.registry import register
+from ..core.models import cache_keyword
 from .prompt_tuning import attach_tokens, detach_tokens, save_tokens, load_tokens
 
 # %% auto #0
@@ -69,11 +70,12 @@ def _prefix_hook(model:nn.Module, args:tuple, kwargs:dict):
     B = x.shape[0]
     if (mask := kwargs.get("attention_mask")) is not None:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(B, enc.n), mask], 1)              # (B, n + T)
-    cache = kwargs.get("past_key_values")
+    key = cache_keyword(model, kwargs)                                                        # answer under the name the call used
+    cache = kwargs.get(key)
     if cache is None or cache.get_seq_length() == 0:                                          # the prefix is not in a cache yet
-        kwargs["past_key_values"] = enc.cache(B, model.config, model.get_input_embeddings().weight.dtype)
+        kwargs[key] = enc.cache(B, model.config, model.get_input_embeddings().weight.dtype)
         if (pos := kwargs.get("cache_position")) is not None: pos.add_(enc.n)                 # in place, as PEFT: generate keeps counting from it
-        if kwargs.get("position_ids") is not None: kwargs["position_ids"] = kwargs["position_ids"] + enc.n
+    if kwargs.get("position_ids") is not None: kwargs["position_ids"] = kwargs["position_ids"] + enc.n    # a caller counts its own tokens only
     return (), kwargs
 
 # %% ../../nbs/adapters/06_prefix_tuning.ipynb #313e7d94

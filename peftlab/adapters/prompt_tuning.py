@@ -12,6 +12,7 @@ from torch import nn
 from ..core.adapter import record_method, _forget_method
 from ..core.surgery import freeze
 from ..core.registry import register
+from ..core.models import kv_cache
 
 # %% auto #0
 __all__ = ['PROMPT_INITS', 'PromptTuningConfig', 'PromptEmbedding', 'apply_prompt_tuning', 'remove_prompt', 'attach_tokens',
@@ -59,7 +60,7 @@ def _prompt_hook(model:nn.Module, args:tuple, kwargs:dict):
     if args: kwargs = {"input_ids": args[0], **kwargs}
     P, n = model.prompt_tuning, model.prompt_tuning.prompt_embeddings.shape[0]
     ids, embeds = kwargs.pop("input_ids", None), kwargs.pop("inputs_embeds", None)
-    cache = kwargs.get("past_key_values")
+    cache = kv_cache(kwargs)                                                        # `cache` from generate, `past_key_values` from older callers
     B = (ids if ids is not None else embeds).shape[0]
     if (mask := kwargs.get("attention_mask")) is not None:
         kwargs["attention_mask"] = torch.cat([mask.new_ones(B, n), mask], 1)         # (B, n + T)

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/core/01_models.ipynb #b161e9ed
 from __future__ import annotations
-import os, shutil, tempfile, zipfile, importlib.util, logging
+import os, shutil, tempfile, zipfile, importlib.util, logging, inspect
 from pathlib import Path
 import torch
 from torch import nn
@@ -13,8 +13,8 @@ from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoToken
                           LlamaConfig, LlamaForCausalLM)
 
 # %% auto #0
-__all__ = ['TINY_LLAMA', 'EMBEDDED', 'MODEL_NAMES', 'cache_dir', 'tiny_llama', 'embedded_file', 'model_dir', 'load_model',
-           'load_tokenizer']
+__all__ = ['TINY_LLAMA', 'EMBEDDED', 'MODEL_NAMES', 'CACHE_KEYS', 'cache_dir', 'tiny_llama', 'embedded_file', 'model_dir',
+           'load_model', 'load_tokenizer', 'cache_keyword', 'kv_cache']
 
 # %% ../../nbs/core/01_models.ipynb #3861d23c
 def cache_dir()->Path:
@@ -129,3 +129,16 @@ def load_tokenizer(name_or_path:str|Path):
     tok = AutoTokenizer.from_pretrained(model_dir(name_or_path))
     if tok.pad_token is None: tok.pad_token = tok.eos_token
     return tok
+
+# %% ../../nbs/core/01_models.ipynb #526a89aa
+CACHE_KEYS = ("cache", "past_key_values")   # transformers' new and old names for a forward's key-value cache
+
+def cache_keyword(model:nn.Module, kwargs:dict|None=None)->str:
+    "The keyword `model`'s forward takes its KV cache under in this call: the one `kwargs` uses, else the forward's own."
+    for k in CACHE_KEYS:
+        if kwargs and k in kwargs: return k
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+def kv_cache(kwargs:dict):
+    "The KV cache passed in a forward's `kwargs` under either name (None if none)."
+    return next((kwargs[k] for k in CACHE_KEYS if kwargs.get(k) is not None), None)

@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaModel
 from ..core.adapter import LayerAdapter, inject, record_method, dense_weight
 from ..core.registry import register
 from ..core.surgery import find_targets
+from ..core.models import kv_cache
 from ..core.train import Callback, fit
 from ..adapters.lora import adapter_dtype, check_rank
 from .mixlora import check_gated_mlp, check_top_k, enable_aux_loss
@@ -208,7 +209,7 @@ def _l2m_query(model:nn.Module, args, kwargs):
     layers = [m for m in model.modules() if isinstance(m, L2mLinear)]
     keys = getattr(model, "l2m_keys", None)
     if not layers or keys is None: return
-    cache = kwargs.get("past_key_values")
+    cache = kv_cache(kwargs)
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0 and layers[0].selected is not None: return   # generating: the prompt chose
     emb = kwargs.get("inputs_embeds")
     if emb is None: emb = model.get_input_embeddings()(kwargs.get("input_ids", args[0] if args else None))
@@ -295,7 +296,7 @@ def _levi_inputs(head:LeviHead):
     def hook(model, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         if ids is None: raise ValueError("LEVI's small model reads token ids: call the model with input_ids, not inputs_embeds")
-        cache = kwargs.get("past_key_values")
+        cache = kv_cache(kwargs)
         past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         if past and head.input_ids is not None and head.input_ids.shape[1] == past: ids = torch.cat([head.input_ids, ids], 1)
         mask = kwargs.get("attention_mask")
