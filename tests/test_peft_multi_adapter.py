@@ -232,6 +232,9 @@ FIRST_REFUSES = [  # a first adapter of this method, then a LoRA beside it: the 
     ("adaption-prompt", dict(adapter_len=2, adapter_layers=1), "holds no layer adapter"),
     ("loftq", dict(r=2, targets=["q_proj"]), "rewrote its base weight"),
     ("alora", dict(r=2, targets=["q_proj"], invocation_tokens=[5, 6]), "ALoraLinear merges in a way of its own"),
+    ("multitask-prompt-tuning", dict(num_virtual_tokens=2, num_tasks=2), "holds no layer adapter"),
+    ("cpt", dict(token_ids=[5, 6, 7], type_mask=[2, 3, 4]), "holds no layer adapter"),
+    ("cartridge", dict(num_virtual_tokens=2), "holds no layer adapter"),
 ]
 
 @pytest.mark.parametrize("method,cfg,error", FIRST_REFUSES)

@@ -185,7 +185,9 @@ def lowrank_family(steps:int, lr:float=2e-3)->dict:
              "adamss": dict(options=dict(r=24, num_subspaces=8, subspace_rank=4)),
              "alora": dict(options=dict(r=8, invocation_tokens=[1, 520, 9531, 198])),   # <|im_start|>assistant\n: the answer's header
              "qalora": dict(options=dict(r=15, group_size=16)), "bdlora": dict(options=dict(r=12, nblocks=2)),
-             "velora": dict(options=dict(r=8, num_groups=8))}
+             "velora": dict(options=dict(r=8, num_groups=8)), "monteclora": dict(options=r8),
+             "multitask-prompt-tuning": dict(options=dict(num_virtual_tokens=16), lr=3e-2),
+             "cartridge": dict(options=dict(num_virtual_tokens=128), lr=1e-2)}
     for name, spec in specs.items():
         if name in METHODS and METHODS[name].category == "adapter": runs[name] = dict(method=name, **spec)
     return runs
