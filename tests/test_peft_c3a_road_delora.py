@@ -6,7 +6,7 @@ from peftlab.core.registry import apply
 from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
-from peft_roundtrip import perturb as _perturb, inputs
+from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused
 
 TARGETS = [["q_proj", "v_proj"], ["k_proj", "down_proj"], "all-linear", ["o_proj", "gate_proj", "up_proj"]]
 
@@ -101,17 +101,6 @@ REFUSED = [
     (lambda: peft.DeloraConfig(r=2, target_modules=["q_proj"], bias="delora_only"), "bias='delora_only'"),
 ]
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
 @pytest.mark.parametrize("peft_cfg,option", REFUSED, ids=[o for _, o in REFUSED])
 def test_unsupported_peft_option_is_refused(peft_cfg, option, tmp_path):
-    peft.get_peft_model(tiny_llama(), peft_cfg()).save_pretrained(tmp_path)
-    version = json.loads((tmp_path/"adapter_config.json").read_text())["peft_version"]
-    base = tiny_llama()
-    state, types = _snapshot(base)
-    with pytest.raises(ValueError) as e: load_adapter(base, tmp_path)
-    assert option in str(e.value) and f"PEFT {version}" in str(e.value), str(e.value)
-    after_state, after_types = _snapshot(base)
-    assert after_types == types and not adapters(base) and not hasattr(base, "peftlab_method")
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert_peft_file_refused(tiny_llama, peft_cfg(), option, tmp_path)

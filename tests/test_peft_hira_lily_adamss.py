@@ -8,7 +8,7 @@ from peftlab.core.registry import apply
 from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
-from peft_roundtrip import perturb as _perturb, inputs
+from peft_roundtrip import perturb as _perturb, inputs, snapshot, assert_unchanged, assert_peft_file_refused
 
 TARGETS = [["q_proj", "v_proj"], ["k_proj", "down_proj"], "all-linear", ["o_proj", "gate_proj", "up_proj"]]
 HIRA_INIT = {"kaiming": True, "gaussian": "gaussian", "random": False}
@@ -98,15 +98,6 @@ def test_conv_targets_are_refused():
     for method in ("hira", "lily", "adamss"):
         with pytest.raises(TypeError, match=f"{method} cannot wrap 0 \\(Conv2d\\)"): apply(net, method, targets=["0"], r=2)
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
-def _unchanged(base, before):
-    state, types = before
-    after_state, after_types = _snapshot(base)
-    assert after_types == types and not adapters(base) and not hasattr(base, "peftlab_method")
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
-
 # (a PEFT config with an option peftlab does not support, the option's name in the error)
 REFUSED = [
     (lambda: peft.HiraConfig(r=4, target_modules=["q_proj"], layers_to_transform=[0]), "layers_to_transform=[0]"),
@@ -119,21 +110,15 @@ REFUSED = [
 
 @pytest.mark.parametrize("peft_cfg,option", REFUSED)
 def test_unsupported_peft_option_is_refused(peft_cfg, option, tmp_path):
-    peft.get_peft_model(tiny_llama(), peft_cfg()).save_pretrained(tmp_path)
-    version = json.loads((tmp_path/"adapter_config.json").read_text())["peft_version"]
-    base = tiny_llama()
-    before = _snapshot(base)
-    with pytest.raises(ValueError) as e: load_adapter(base, tmp_path)
-    assert option in str(e.value) and f"PEFT {version}" in str(e.value), str(e.value)
-    _unchanged(base, before)
+    assert_peft_file_refused(tiny_llama, peft_cfg(), option, tmp_path)
 
 def test_hira_embedding_file_is_refused(tmp_path):
     "PEFT's HiRA also wraps embeddings; peftlab's wraps linear layers only, and says so before changing anything."
     peft.get_peft_model(tiny_llama(), peft.HiraConfig(r=2, target_modules=["embed_tokens"])).save_pretrained(tmp_path)
     base = tiny_llama()
-    before = _snapshot(base)
+    before = snapshot(base)
     with pytest.raises(TypeError, match="hira cannot wrap model.embed_tokens \\(Embedding\\)"): load_adapter(base, tmp_path)
-    _unchanged(base, before)
+    assert_unchanged(base, before)
 
 @SKIP_NO_SKLEARN
 def test_adamss_clusters_are_sklearns():

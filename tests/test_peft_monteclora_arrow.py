@@ -7,7 +7,7 @@ from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
 from peftlab.adapters.velora_monteclora import monteclora_loss
-from peft_roundtrip import perturb as _perturb, inputs
+from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused
 
 def base(): return tiny_llama(vocab_size=1024)   # the ids of `inputs()` are below 1000; a small vocabulary builds fast
 def perturb(model, seed=0): return _perturb(model, seed).eval()
@@ -106,20 +106,9 @@ REFUSED = [
     (lambda: peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, monteclora_config=peft.MontecloraConfig(num_samples=2, buffer_size=1)), "lora_bias=True"),
 ]
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
 @pytest.mark.parametrize("peft_cfg,option", REFUSED, ids=[o for _, o in REFUSED])
 def test_unsupported_peft_option_is_refused(peft_cfg, option, tmp_path):
-    peft.get_peft_model(base(), peft_cfg()).save_pretrained(tmp_path)
-    version = json.loads((tmp_path/"adapter_config.json").read_text())["peft_version"]
-    model = base()
-    state, types = _snapshot(model)
-    with pytest.raises(ValueError) as e: load_adapter(model, tmp_path)
-    assert option in str(e.value) and f"PEFT {version}" in str(e.value), str(e.value)
-    after_state, after_types = _snapshot(model)
-    assert after_types == types and not adapters(model) and not hasattr(model, "peftlab_method")
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert_peft_file_refused(base, peft_cfg(), option, tmp_path)
 
 # ---- Arrow: PEFT's create_arrow_model over the same experts gives the same logits
 from peft.tuners.lora.arrow import create_arrow_model

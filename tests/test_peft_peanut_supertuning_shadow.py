@@ -7,7 +7,7 @@ from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.adapters.shadow import shadow_blocks
 from peftlab.core.testing import assert_close
-from peft_roundtrip import perturb as _perturb, inputs
+from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused, snapshot
 
 _BASE = tiny_llama()
 def base_model(): return copy.deepcopy(_BASE)   # the same seeded tiny-llama, ten times cheaper than building it again
@@ -145,20 +145,9 @@ def shadow_file(tmp_path_factory):
     peft.get_peft_model(base_model(), peft.ShadowConfig(task_type="CAUSAL_LM")).save_pretrained(d)
     return d
 
-def _snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, [type(m) for m in model.modules()]
-
 @pytest.mark.parametrize("peft_cfg,option", REFUSED, ids=[o for _, o in REFUSED])
 def test_unsupported_peft_option_is_refused(peft_cfg, option, tmp_path):
-    peft.get_peft_model(base_model(), peft_cfg()).save_pretrained(tmp_path)
-    version = json.loads((tmp_path/"adapter_config.json").read_text())["peft_version"]
-    base = base_model()
-    state, types = _snapshot(base)
-    with pytest.raises(ValueError) as e: load_adapter(base, tmp_path)
-    assert option in str(e.value) and f"PEFT {version}" in str(e.value), str(e.value)
-    after_state, after_types = _snapshot(base)
-    assert after_types == types and not adapters(base) and not hasattr(base, "peftlab_method")
-    assert all(torch.equal(state[k], after_state[k]) for k in state)
+    assert_peft_file_refused(base_model, peft_cfg(), option, tmp_path)
 
 @pytest.mark.parametrize("change,option", SHADOW_REFUSED, ids=[o for _, o in SHADOW_REFUSED])
 def test_unsupported_shadow_option_is_refused(change, option, shadow_file, tmp_path):
@@ -167,10 +156,10 @@ def test_unsupported_shadow_option_is_refused(change, option, shadow_file, tmp_p
     cfg = json.loads((tmp_path/"adapter_config.json").read_text()); cfg.update(change)
     (tmp_path/"adapter_config.json").write_text(json.dumps(cfg))
     base = base_model()
-    state, types = _snapshot(base)
+    state, types = snapshot(base)
     with pytest.raises(ValueError) as e: load_adapter(base, tmp_path)
     assert option in str(e.value) and f"PEFT {cfg['peft_version']}" in str(e.value), str(e.value)
-    assert _snapshot(base)[1] == types and not hasattr(base, "shadow_network") and not hasattr(base, "peftlab_method")
+    assert snapshot(base)[1] == types and not hasattr(base, "shadow_network") and not hasattr(base, "peftlab_method")
 
 def test_shadow_file_for_another_model_leaves_the_base_bare(shadow_file):
     base = tiny_llama(intermediate_size=96)

@@ -13,7 +13,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from ..core.adapter import record_method, _forget_method
 from ..core.surgery import freeze, replace_module
 from ..core.registry import register
-from ..core.io import refuse_peft_options, peft_version, PREFIX
+from ..core.io import refuse_peft_options, peft_version, PREFIX, state_misfit
 from .oft import _model_name
 
 # %% auto #0
@@ -109,16 +109,10 @@ def _tensors(model:nn.Module)->dict[str,nn.Parameter]:
 
 def _save(model:nn.Module)->dict[str,torch.Tensor]: return {k: p.detach() for k, p in _tensors(model).items()}
 
-def _misfit(have:dict, state:dict)->str|None:
-    "What keeps `state` from fitting `have` (None if it fits)."
-    if lack := sorted(have.keys() - state.keys()): return f"it lacks {lack[:2]}"
-    if extra := sorted(state.keys() - have.keys()): return f"it has {extra[:2]}, which this model lacks"
-    return next((f"{k} is {tuple(state[k].shape)}, this model needs {tuple(p.shape)}" for k, p in have.items() if p.shape != state[k].shape), None)
-
 def _load(model:nn.Module, state:dict[str,torch.Tensor]):
     "Copy saved prompts and gates in; on a file that does not fit, take the prompts out again and raise."
     have = _tensors(model)
-    if problem := _misfit(have, state):
+    if problem := state_misfit(have, state):
         remove_adaption_prompt(model)
         raise ValueError(f"the saved adaption prompts do not fit this model: {problem} — saved for another base model or adapter_layers?")
     with torch.no_grad():

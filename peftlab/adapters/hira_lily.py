@@ -191,9 +191,9 @@ def _lily_state(model:nn.Module)->dict[str,torch.Tensor]:
 
 def _lily_load(model:nn.Module, state:dict[str,torch.Tensor]):
     "Copy every layer's saved tensors in; copies of a shared tensor land in the one tensor."
-    from peftlab.core.io import adapter_tensors, _check_state
+    from peftlab.core.io import adapter_tensors, check_state
     have = adapter_tensors(model)   # every layer's name, shared tensors under each
-    _check_state(have, state, "this Lily model")
+    check_state(have, state, "this Lily model")
     with torch.no_grad():
         for k, v in state.items(): have[k].copy_(v)
 

@@ -13,7 +13,7 @@ from ..core.adapter import LayerAdapter, inject, record_method, adapters, dense_
 from .lora import check_rank, LoraConfig, _to_peft as _lora_to_peft
 from ..core.registry import register
 from ..core.train import Callback
-from ..core.io import adapter_state, adapter_tensors, refuse_peft_options, _check_state
+from ..core.io import adapter_state, adapter_tensors, refuse_peft_options, check_state
 
 # %% auto #0
 __all__ = ['KaSAConfig', 'truncate_smallest', 'check_kasa_rank', 'KaSALinear', 'kasa_penalty', 'KaSARegularizer', 'kasa_state',
@@ -114,7 +114,7 @@ def kasa_state(model:nn.Module)->dict[str,torch.Tensor]:
 def load_kasa_state(model:nn.Module, state:dict[str,torch.Tensor]):
     "Copy PEFT-layout KaSA tensors into the KaSA layers of `model`, checking names and shapes."
     have, saved = _without_base(adapter_tensors(model)), _renamed(state, _OURS)
-    _check_state(have, saved, "this KaSA model")
+    check_state(have, saved, "this KaSA model")
     with torch.no_grad():
         for k, v in saved.items(): have[k].copy_(v)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ..core.adapter import record_method, _forget_method
 from ..core.surgery import freeze, replace_module, find_targets
 from ..core.registry import register
-from ..core.io import refuse_peft_options, peft_version, PREFIX
+from ..core.io import refuse_peft_options, peft_version, PREFIX, state_misfit
 
 # %% auto #0
 __all__ = ['CACHE_OPS', 'BLOCK_PARTS', 'TUNER_PREFIX', 'SHADOW_UNSUPPORTED', 'ShadowConfig', 'decoder_stack', 'hidden_size',
@@ -249,16 +249,10 @@ def shadow_state(model:nn.Module)->dict[str,torch.Tensor]:
     "The tensors `save_adapter` writes for ShadowPEFT, under PEFT's keys."
     return {k: p.detach() for k, p in _shadow_tensors(model).items()}
 
-def _misfit(have:dict, state:dict)->str|None:
-    "What keeps `state` from fitting `have` (None if it fits)."
-    if lack := sorted(have.keys() - state.keys()): return f"it lacks {lack[:2]} ({len(lack)} tensors)"
-    if extra := sorted(state.keys() - have.keys()): return f"it has {extra[:2]}, which this model lacks"
-    return next((f"{k} is {tuple(state[k].shape)}, this model needs {tuple(p.shape)}" for k, p in have.items() if p.shape != state[k].shape), None)
-
 def load_shadow_state(model:nn.Module, state:dict[str,torch.Tensor]):
     "Copy saved shadow tensors in; on a file that does not fit, take the shadow out again and raise."
     have = _shadow_tensors(model)
-    if problem := _misfit(have, state):
+    if problem := state_misfit(have, state):
         remove_shadow(model)
         raise ValueError(f"the saved ShadowPEFT adapter does not fit this model: {problem} — saved for another base model or shadow size?")
     with torch.no_grad():

@@ -18,8 +18,8 @@ from .distributed import full_tensor, is_main_process
 
 # %% auto #0
 __all__ = ['CONFIG_NAME', 'WEIGHTS_NAME', 'PREFIX', 'PEFT_COMMON_OPTIONS', 'adapter_tensors', 'adapter_state', 'config_to_dict',
-           'config_json', 'atomic_write', 'saved_state', 'save_adapter', 'read_adapter', 'method_for', 'load_adapter',
-           'peft_version', 'peft_option_error', 'refuse_peft_options', 'hotswap_adapter']
+           'config_json', 'atomic_write', 'saved_state', 'save_adapter', 'read_adapter', 'method_for', 'state_misfit',
+           'check_state', 'load_adapter', 'peft_version', 'peft_option_error', 'refuse_peft_options', 'hotswap_adapter']
 
 # %% ../../nbs/core/07_io.ipynb #37766f7d
 CONFIG_NAME, WEIGHTS_NAME, PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
@@ -166,7 +166,13 @@ def _keep_saving_base(model:nn.Module, own:dict):
         layer = model.get_submodule(owner)
         layer.saves_base = tuple(dict.fromkeys((*getattr(layer, "saves_base", ()), f"base_layer.{rest}")))
 
-def _check_state(have:dict[str,torch.Tensor], saved:dict[str,torch.Tensor], what:str):
+def state_misfit(have:dict[str,torch.Tensor], saved:dict[str,torch.Tensor])->str|None:
+    "What keeps `saved` from fitting `have` exactly: a missing or extra key, or a shape (None if it fits)."
+    if lack := sorted(have.keys() - saved.keys()): return f"it lacks {lack[:2]} ({len(lack)} tensors)"
+    if extra := sorted(saved.keys() - have.keys()): return f"it has {extra[:2]}, which this model lacks"
+    return next((f"{k} is {tuple(saved[k].shape)}, this model needs {tuple(p.shape)}" for k, p in have.items() if p.shape != saved[k].shape), None)
+
+def check_state(have:dict[str,torch.Tensor], saved:dict[str,torch.Tensor], what:str):
     "Raise unless `saved` has exactly the keys and shapes of `have`."
     if missing := sorted(have.keys() - saved.keys()): raise KeyError(f"the saved adapter lacks {missing[:3]} ({len(missing)} tensors) that {what} has: saved for other targets or another model?")
     if extra := sorted(saved.keys() - have.keys()): raise KeyError(f"the saved adapter has tensors {what} lacks: {extra[:3]} ({len(extra)} in all): saved for other targets or another model?")
@@ -176,7 +182,7 @@ def _check_state(have:dict[str,torch.Tensor], saved:dict[str,torch.Tensor], what
 def _copy_named(model:nn.Module, state:dict[str,torch.Tensor], name:str):
     "Copy saved tensors into adapter `name` in place, after checking that they fit exactly."
     have = adapter_tensors(model, name)
-    _check_state(have, state, f"adapter {name!r}")
+    check_state(have, state, f"adapter {name!r}")
     with torch.no_grad():
         for k, v in state.items(): have[k].copy_(v)
 

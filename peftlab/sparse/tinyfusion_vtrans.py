@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from ..core.adapter import record_method
 from ..core.registry import register, apply
 from ..core.train import Batches, compute_loss
-from ..core.io import adapter_state, _check_state, _copy_in
+from ..core.io import adapter_state, check_state, _copy_in
 
 # %% auto #0
 __all__ = ['KINDS', 'decoder_layers', 'gated_layers', 'check_layers', 'drop_layers', 'keep_patterns', 'TinyFusionConfig',
@@ -129,7 +129,7 @@ def apply_tinyfusion(model:nn.Module, config:TinyFusionConfig)->nn.Module:
 def load_tinyfusion_state(model:nn.Module, state:dict[str,torch.Tensor]):
     "Copy the saved LoRA in; if it does not fit, put the dropped layers back before the error."
     before = model.__dict__.pop(_BEFORE, None)
-    try: _check_state(adapter_state(model), state, "the pruned model"); _copy_in(model, state)
+    try: check_state(adapter_state(model), state, "the pruned model"); _copy_in(model, state)
     except Exception:
         if before is not None:
             model.model.layers = nn.ModuleList(before); model.config.num_hidden_layers = len(before)
@@ -293,7 +293,7 @@ def apply_vtrans(model:nn.Module, config:VTransConfig)->nn.Module:
 
 def load_vtrans_state(model:nn.Module, state:dict[str,torch.Tensor]):
     "Copy the saved masks and LoRA in; if they do not fit, take the masks off before the error."
-    try: _check_state(adapter_state(model), state, "the masked model"); _copy_in(model, state)
+    try: check_state(adapter_state(model), state, "the masked model"); _copy_in(model, state)
     except Exception:
         for h in model.vtrans.handles: h.remove()
         del model.vtrans
