@@ -36,3 +36,32 @@ def assert_peft_file_refused(make_base, peft_config, option:str, directory):
     with pytest.raises(ValueError) as e: load_adapter(base, directory)
     assert option in str(e.value) and f"PEFT {version}" in str(e.value), str(e.value)
     assert_unchanged(base, before)
+
+def assert_peft_loads_ours(make_base, name:str, kw:dict, directory):
+    "Our adapter `name` with random values, saved: PEFT loads the file with the same logits. Returns (ours, theirs)."
+    from peftlab.core.registry import apply
+    from peftlab.core.io import save_adapter
+    from peftlab.core.testing import assert_close
+    import peft
+    ours = perturb(apply(make_base(), name, **kw)).eval()   # eval: dropout off, the outputs are comparable
+    save_adapter(ours, directory)
+    theirs = peft.PeftModel.from_pretrained(make_base(), directory).eval()
+    assert_close(theirs(**inputs()).logits, ours(**inputs()).logits)
+    return ours, theirs
+
+def assert_we_load_peft(make_base, name:str, peft_config, directory, back:bool=True):
+    "PEFT's adapter with random values, saved: peftlab loads it as `name` with the same logits; with `back`, PEFT reads our copy again."
+    from peftlab.core.io import save_adapter, load_adapter
+    from peftlab.core.testing import assert_close
+    import peft
+    torch.manual_seed(0)
+    theirs = perturb(peft.get_peft_model(make_base(), peft_config)).eval()
+    theirs.save_pretrained(directory)
+    expected = theirs(**inputs()).logits           # before ours runs: a sampling adapter's seeded generator draws first here
+    ours = load_adapter(make_base(), directory).eval()
+    assert ours.peftlab_method[0] == name
+    assert_close(ours(**inputs()).logits, expected)
+    if back:
+        save_adapter(ours, directory/"back")
+        again = peft.PeftModel.from_pretrained(make_base(), directory/"back").eval()
+        assert_close(again(**inputs()).logits, expected)

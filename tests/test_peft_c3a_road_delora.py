@@ -6,7 +6,7 @@ from peftlab.core.registry import apply
 from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.core.testing import assert_close
-from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused
+from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused, assert_peft_loads_ours, assert_we_load_peft
 
 TARGETS = [["q_proj", "v_proj"], ["k_proj", "down_proj"], "all-linear", ["o_proj", "gate_proj", "up_proj"]]
 
@@ -42,22 +42,11 @@ def perturb(model, seed=0): return _perturb(model, seed).eval()   # dropout off:
 
 @pytest.mark.parametrize("name,kw,peft_cfg", CASES, ids=IDS)
 def test_peft_loads_ours(name, kw, peft_cfg, tmp_path):
-    ours = perturb(apply(tiny_llama(), name, **kw))
-    save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert_close(theirs(**inputs()).logits, ours(**inputs()).logits)
+    assert_peft_loads_ours(tiny_llama, name, kw, tmp_path)
 
 @pytest.mark.parametrize("name,kw,peft_cfg", CASES, ids=IDS)
 def test_we_load_peft(name, kw, peft_cfg, tmp_path):
-    torch.manual_seed(0)
-    theirs = perturb(peft.get_peft_model(tiny_llama(), peft_cfg()))
-    theirs.save_pretrained(tmp_path)
-    ours = load_adapter(tiny_llama(), tmp_path).eval()
-    assert ours.peftlab_method[0] == name
-    assert_close(ours(**inputs()).logits, theirs(**inputs()).logits)
-    save_adapter(ours, tmp_path/"back")           # and PEFT reads our copy back: the same outputs again
-    again = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path/"back").eval()
-    assert_close(again(**inputs()).logits, theirs(**inputs()).logits)
+    assert_we_load_peft(tiny_llama, name, peft_cfg(), tmp_path)
 
 MERGE_CASES = CASES + [("delora", dict(r=4, targets="all-linear"), None)]   # the paper's residual start too
 

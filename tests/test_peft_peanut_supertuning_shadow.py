@@ -7,7 +7,7 @@ from peftlab.core.io import save_adapter, load_adapter
 from peftlab.core.adapter import adapters, merge, unmerge
 from peftlab.adapters.shadow import shadow_blocks
 from peftlab.core.testing import assert_close
-from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused, snapshot
+from peft_roundtrip import perturb as _perturb, inputs, assert_peft_file_refused, snapshot, assert_peft_loads_ours, assert_we_load_peft
 
 _BASE = tiny_llama()
 def base_model(): return copy.deepcopy(_BASE)   # the same seeded tiny-llama, ten times cheaper than building it again
@@ -53,24 +53,13 @@ def perturb(model, seed=0): return _perturb(model, seed).eval()   # dropout off:
 
 @pytest.mark.parametrize("name,kw,peft_cfg", FIRST, ids=[c[0] for c in FIRST])
 def test_peft_loads_ours(name, kw, peft_cfg, tmp_path):
-    ours = perturb(apply(base_model(), name, **kw))
-    save_adapter(ours, tmp_path)
-    theirs = peft.PeftModel.from_pretrained(base_model(), tmp_path).eval()
+    ours, theirs = assert_peft_loads_ours(base_model, name, kw, tmp_path)
     x = inputs()
-    assert_close(theirs(**x).logits, ours(**x).logits)
     assert_close(theirs(**x, labels=x["input_ids"]).loss, ours(**x, labels=x["input_ids"]).loss)   # ShadowPEFT's auxiliary loss included
 
 @pytest.mark.parametrize("name,kw,peft_cfg", CASES, ids=IDS)
 def test_we_load_peft(name, kw, peft_cfg, tmp_path):
-    torch.manual_seed(0)
-    theirs = perturb(peft.get_peft_model(base_model(), peft_cfg()))
-    theirs.save_pretrained(tmp_path)
-    ours = load_adapter(base_model(), tmp_path).eval()
-    assert ours.peftlab_method[0] == name
-    assert_close(ours(**inputs()).logits, theirs(**inputs()).logits)
-    save_adapter(ours, tmp_path/"back")           # and PEFT reads our copy back: the same outputs again
-    again = peft.PeftModel.from_pretrained(base_model(), tmp_path/"back").eval()
-    assert_close(again(**inputs()).logits, theirs(**inputs()).logits)
+    assert_we_load_peft(base_model, name, peft_cfg(), tmp_path)
 
 @pytest.mark.parametrize("name,kw,peft_cfg", MERGING, ids=[c[0] for c in MERGING])
 def test_merge_equals_unmerged(name, kw, peft_cfg):

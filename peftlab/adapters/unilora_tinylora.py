@@ -26,7 +26,7 @@ __all__ = ['UNILORA_UNSUPPORTED', 'THETA_D', 'TINYLORA_UNSUPPORTED', 'TINYLORA_V
 class UniLoraConfig:
     r: int = field(default=4, metadata=dict(ge=1))  # rank of every layer's B A
     theta_d_length: int = field(default=256, metadata=dict(ge=1))  # d, the length of the one trained vector θ_d
-    proj_seed: int = 42  # seed of the index assignment (numpy's generator, as PEFT)
+    proj_seed: int = field(default=42, metadata=dict(ge=0))  # seed of the index assignment (numpy's generator, as PEFT)
     init_theta_d_bound: float = field(default=0.02, metadata=dict(gt=0))  # θ_d starts uniform in ±this
     init: str = "uniform"  # "uniform": ±init_theta_d_bound; "normal": N(0, 1) (PEFT's init_weights=False)
     dropout: float = field(default=0.0, metadata=dict(ge=0, lt=1))  # dropout on the adapter's input (PEFT's unilora_dropout)
