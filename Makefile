@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check clean lab lab-kernel docs docs-browser tutorials
+.PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check slow clean lab lab-kernel docs docs-browser tutorials
 
 $(STAMP): setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,11 @@ bench: $(STAMP)
 
 bench-kernels: $(STAMP)
 	$(PY) kernels/bench.py
+
+# the long work of notebooks' `#| slow` cells, for real, writing the results their prose reads back:
+#   make slow NB="nbs/adapters/10_ssf.ipynb nbs/adapters/52_velora_monteclora.ipynb:0"   (`python tools/slow.py --list`: what is not run yet)
+slow: $(STAMP)
+	$(KEEP_HEAP) $(PY) tools/slow.py $(NB)
 
 # on a lent GPU: notebook cuda cells, kernel tests, every kernel benchmark and QLoRA steps against PEFT + bitsandbytes
 gpu-check: $(STAMP)

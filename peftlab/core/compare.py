@@ -89,10 +89,30 @@ class Comparison:
         ax.set(xlabel="step", ylabel="loss", title=title); ax.legend(fontsize=7)
         return ax
     def to_json(self, path:str|Path):
-        "Write the table and curves as JSON."
+        "Write the table and curves as JSON (whole or not at all)."
         data = dict(table=self.table.reset_index().to_dict(orient="records"),
                     curves={k: dict(steps=v.steps, losses=v.losses) for k, v in self.logs.items()})
-        Path(path).write_text(json.dumps(data, indent=1))
+        path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp"); tmp.write_text(json.dumps(data, indent=1)); tmp.replace(path)
+
+    @classmethod
+    def over_seeds(cls, parts:dict)->Comparison:
+        "One comparison from `{seed: Comparison}`, its runs labelled \"label, seed s\"."
+        name = lambda s: (lambda k: f"{k}, seed {s}")
+        return cls(pd.concat([c.table.rename(index=name(s)) for s, c in parts.items()]),
+                   {name(s)(k): v for s, c in parts.items() for k, v in c.logs.items()})
+
+    def early_loss(self, n:int=10)->pd.Series:
+        "Each run's mean training loss over its first `n` steps: where runs that all converge still differ."
+        return pd.Series({k: sum(log.losses[:n]) / len(log.losses[:n]) for k, log in self.logs.items()})
+
+    def by_seed(self, values:str|pd.Series="eval_loss")->pd.DataFrame:
+        "A column (or a Series by label) of runs labelled \"label, seed s\": one row per run, each seed, mean and spread (max - min)."
+        values = self.table[values] if isinstance(values, str) else values
+        split = values.index.str.rsplit(", seed ", n=1)
+        if not all(len(p) == 2 for p in split): raise ValueError("by_seed needs runs labelled 'label, seed s': run compare(..., seeds=(0, 1))")
+        wide = pd.DataFrame({"run": [p[0] for p in split], "seed": [f"seed {p[1]}" for p in split], "v": values.values}).pivot(index="run", columns="seed", values="v").rename_axis(columns=None)
+        return wide.assign(mean=wide.mean(axis=1), spread=wide.max(axis=1) - wide.min(axis=1)).loc[list(dict.fromkeys(p[0] for p in split))]
 
     @classmethod
     def read_json(cls, path:str|Path)->Comparison:
@@ -111,9 +131,13 @@ def compare(runs:dict,                       # label -> dict(method=name|None, o
             max_new_tokens:int=32,
             data:tuple|None=None,            # `(train, test)` instead of `task`: a `fit` data source and a list of held-out batches
             measure:Callable|None=None,      # `measure(model) -> dict` of further columns (e.g. a world's own accuracy)
+            seeds:tuple|None=None,           # several seeds: every run once per seed (its data too), labelled "label, seed s"
            )->Comparison:
     "Train each run from the same model on the same data and steps; return the table and curves."
     from tqdm.auto import tqdm
+    if seeds is not None:
+        one = lambda s: compare(runs, model, task, steps, n_train, n_test, batch_size, lr, s, max_len, progress, accuracy, max_new_tokens, data, measure)
+        return Comparison.over_seeds({s: one(s) for s in seeds})
     make = model if callable(model) else (lambda: load_model(model, seed=seed))
     if data is None: train_data, test, calibration, measure = _task_data(model, task, n_train, n_test, batch_size, seed, max_len, accuracy, max_new_tokens, measure)
     elif not (isinstance(data, (tuple, list)) and len(data) == 2):
