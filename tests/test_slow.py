@@ -3,16 +3,11 @@ import ast, contextlib, io, json, time
 from pathlib import Path
 import pytest
 import peftlab.core.slow
+import sys
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent/"tools"))
+from slow import directives as flags   # the leading `#|` words of a cell (`#| slow` -> {'slow'}), as make slow reads them
 
 NBS = Path(__file__).resolve().parent.parent/"nbs"
-
-def flags(source:str)->set[str]:
-    "The flags of a cell's leading `#|` directives (`#| slow` -> {'slow'})."
-    out = set()
-    for line in source.splitlines():
-        if not line.startswith("#|"): break
-        out |= set(line[2:].replace(",", " ").split())
-    return out
 
 def notebooks():
     return sorted(p for p in NBS.rglob("*.ipynb") if ".ipynb_checkpoints" not in p.parts and not p.name.startswith("_"))
