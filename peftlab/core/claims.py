@@ -147,9 +147,12 @@ def method_notebook(name:str)->str|None:
     return hit.group(1) if hit else None
 
 def method_verdicts(name:str, path:str|Path|None=None)->str:
-    "The verdicts recorded in method `name`'s notebook, counted (`'2 held, 1 partly'`); '—' when it records none."
+    "The verdicts recorded in method `name`'s notebook for its paper, counted (`'2 held, 1 partly'`); '—' when it records none."
+    from peftlab.core.registry import PACKAGE_METHODS, canonical_name
     nb, t = method_notebook(name), ledger(path)
-    counts = t[t.notebook == nb].verdict.value_counts() if nb else {}
+    rows = t[t.notebook == nb] if nb else t.iloc[:0]
+    own = rows[rows.paper == PACKAGE_METHODS[canonical_name(name)].paper] if nb else rows
+    counts = (own if len(own) else rows).verdict.value_counts()   # a notebook of several methods: each its own paper's claims
     return ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts) or "—"
 
 # %% ../../nbs/core/17_claims.ipynb #1a44b0a2
