@@ -181,6 +181,19 @@ def adapters(model:nn.Module, name:str|None=None)->dict[str,LayerAdapter]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LayerAdapter) and name in (None, m.adapter_name)}
 
 # %% ../../nbs/core/04_adapter.ipynb #163f700e
+def _check_weight_updates(model:nn.Module, names)->Callable[[LayerAdapter],bool]:
+    "`_chosen`, after refusing adapters with no layer to merge into (virtual tokens, prefixes, a shadow network)."
+    chosen, records = _chosen(model, names), adapter_records(model)
+    with_layers = {a.adapter_name for a in adapters(model).values()}
+    picked = [n for n in records if names is None or n in ([names] if isinstance(names, str) else names)]
+    nothing = [n for n in picked if n not in with_layers] if names is not None or not with_layers else []
+    if nothing:
+        methods = sorted({records[n][0] for n in nothing})
+        raise TypeError(f"{', '.join(methods)} (adapter {', '.join(map(repr, nothing))}) adds no weight update to merge: what it learns lives "
+                        "outside the layers' weights (virtual tokens, prefixes or a network of its own); keep the adapter and save it with "
+                        "save_adapter. Nothing was merged.")
+    return chosen
+
 def _chosen(model:nn.Module, names)->Callable[[LayerAdapter],bool]:
     "Which adapters `merge` takes: the active ones, or those of `names`."
     if names is None: return lambda a: a.active
@@ -193,7 +206,7 @@ def merge(model:nn.Module, unload_adapters:bool=False,
           names:str|list[str]|None=None,   # the adapters to merge; default: the active ones
          )->nn.Module:
     "Fold adapters' updates into their base layers; with `unload_adapters`, also remove every adapter."
-    chosen = _chosen(model, names)
+    chosen = _check_weight_updates(model, names)
     for a in adapters(model).values():
         if chosen(a): a.merge()
     if unload_adapters:
