@@ -92,8 +92,9 @@ class Comparison:
         "Write the table and curves as JSON (whole or not at all)."
         data = dict(table=self.table.reset_index().to_dict(orient="records"),
                     curves={k: dict(steps=v.steps, losses=v.losses) for k, v in self.logs.items()})
+        from peftlab.core.io import atomic_write
         path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp"); tmp.write_text(json.dumps(data, indent=1)); tmp.replace(path)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
     @classmethod
     def over_seeds(cls, parts:dict)->Comparison:
@@ -104,6 +105,7 @@ class Comparison:
 
     def early_loss(self, n:int=10)->pd.Series:
         "Each run's mean training loss over its first `n` steps: where runs that all converge still differ."
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1: raise ValueError(f"early_loss's n is a number of steps, an int >= 1, not {n!r}")
         return pd.Series({k: sum(log.losses[:n]) / len(log.losses[:n]) for k, log in self.logs.items()})
 
     def by_seed(self, values:str|pd.Series="eval_loss")->pd.DataFrame:
@@ -136,6 +138,8 @@ def compare(runs:dict,                       # label -> dict(method=name|None, o
     "Train each run from the same model on the same data and steps; return the table and curves."
     from tqdm.auto import tqdm
     if seeds is not None:
+        if not (isinstance(seeds, (tuple, list)) and seeds and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+            raise ValueError(f"compare's seeds= takes a non-empty tuple of int seeds, e.g. (0, 1), not {seeds!r}")
         one = lambda s: compare(runs, model, task, steps, n_train, n_test, batch_size, lr, s, max_len, progress, accuracy, max_new_tokens, data, measure)
         return Comparison.over_seeds({s: one(s) for s in seeds})
     make = model if callable(model) else (lambda: load_model(model, seed=seed))
