@@ -20,7 +20,7 @@ import peftlab as pl
 from galore_torch import GaLoreAdamW as ReferenceGaLoreAdamW, GaLoreAdamW8bit as ReferenceGaLoreAdamW8bit
 from peftlab.core.models import tiny_llama, load_tokenizer
 from peftlab.core.data import get_task, sft_loader
-from peftlab.core.testing import assert_close
+from peftlab.core.testing import assert_close, signed_svd
 
 torch.set_num_threads(1)
 STEPS_8BIT = 6   # one refresh of the projector (at step 5) with 8-bit moments carried across it
@@ -30,16 +30,6 @@ CASES = [(f"galore-{t}", "galore", dict(proj_type=t), lambda g: ReferenceGaLoreA
          for t in ("std", "reverse_std", "left", "right", "full")]
 CASES += [("galore-8bit-std", "galore-8bit", dict(min_8bit_size=256), lambda g: ReferenceGaLoreAdamW8bit(g, lr=1e-3, min_8bit_size=256)),
           ("galore-8bit-full", "galore-8bit", dict(proj_type="full", min_8bit_size=64), lambda g: ReferenceGaLoreAdamW8bit(g, lr=1e-3, min_8bit_size=64))]
-
-
-def signed_svd(A, full_matrices=True, **kwargs):
-    "`torch.linalg.svd` with each singular pair's sign fixed (the largest entry of each row of Vh positive), exactly and in place."
-    U, S, Vh = _svd(A, full_matrices=full_matrices, **kwargs)
-    k = S.shape[-1]
-    sign = Vh[:k].gather(1, Vh[:k].abs().argmax(1, keepdim=True)).sign().squeeze(1)   # (k,) of ±1
-    U[:, :k].mul_(sign); Vh[:k].mul_(sign[:, None])
-    return U, S, Vh
-_svd = torch.linalg.svd
 
 
 def assert_8bit_close(p, q, msg, tiny_states=False):

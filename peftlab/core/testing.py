@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 # %% auto #0
-__all__ = ['TOLERANCES', 'tolerance', 'assert_close']
+__all__ = ['TOLERANCES', 'tolerance', 'assert_close', 'signed_svd']
 
 # %% ../../nbs/core/00_testing.ipynb #2321a3b5
 TOLERANCES = {  # dtype -> (rtol, atol)
@@ -39,3 +39,14 @@ def assert_close(actual:torch.Tensor,   # the tensor under test
     if actual.shape != expected.shape: raise AssertionError(f"{msg}: shape {tuple(actual.shape)} != {tuple(expected.shape)}")
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{msg} {m}".strip())
+
+# %% ../../nbs/core/00_testing.ipynb #15f9dc5d
+_svd = torch.linalg.svd
+
+def signed_svd(A:torch.Tensor, full_matrices:bool=True, **kwargs):
+    "`torch.linalg.svd` with each singular pair's sign fixed: the largest-magnitude entry of each row of Vh positive."
+    U, S, Vh = _svd(A, full_matrices=full_matrices, **kwargs)
+    k = S.shape[-1]
+    sign = Vh[..., :k, :].gather(-1, Vh[..., :k, :].abs().argmax(-1, keepdim=True)).sign()   # (..., k, 1) of ±1
+    U[..., :, :k].mul_(sign.transpose(-1, -2)); Vh[..., :k, :].mul_(sign)                # an exact flip of each pair
+    return U, S, Vh
