@@ -144,8 +144,33 @@ def execute_all(nbs:list, cache:Path, jobs:int=2, log=print)->dict:
         with ThreadPoolExecutor(jobs) as ex: return dict(ex.map(run, nbs))
     finally: shutil.rmtree(work, ignore_errors=True)
 
+MACHINES = 'stored_on.json'    # beside the notebooks whose outputs are stored: which kind of machine made them
+
+def float_machine()->str:
+    "The things that decide how float32 results round here: CPU vendor and model, torch's vector kernels, torch's version."
+    import platform, torch
+    info = {}
+    try:
+        for line in Path('/proc/cpuinfo').read_text().splitlines():
+            k, _, v = line.partition(':')
+            if k.strip() in ('vendor_id', 'model name') and k.strip() not in info: info[k.strip()] = v.strip()
+    except OSError: pass
+    cpu = ' '.join(info.values()) or platform.processor() or platform.machine()
+    return f'{cpu}; {torch.backends.cpu.get_cpu_capability()} kernels; torch {torch.__version__}'
+
+def stored_on(nb_path:Path)->str|None:
+    "The kind of machine whose outputs `nb_path` carries (`float_machine()` when they were stored), or None if unrecorded."
+    f = Path(nb_path).parent/MACHINES
+    return json.loads(f.read_text()).get(Path(nb_path).name) if f.exists() else None
+
+def _record_machine(nb_path:Path):
+    f = nb_path.parent/MACHINES
+    machines = json.loads(f.read_text()) if f.exists() else {}
+    machines[nb_path.name] = float_machine()
+    f.write_text(json.dumps(dict(sorted(machines.items())), indent=1) + '\n')
+
 def store_outputs(nb_path:Path):
-    "Run a notebook's default (non-slow) cells and write their outputs into it (the tutorials keep theirs)."
+    "Run a notebook's default (non-slow) cells and write their outputs into it (the tutorials keep theirs), noting the machine."
     from execnb.nbio import read_nb, write_nb
     from execnb.shell import CaptureShell
     nb_path = nb_path.resolve()
@@ -162,6 +187,7 @@ def store_outputs(nb_path:Path):
         shell.cell(cell)
         if shell.exc: raise RuntimeError(f'{nb_path.name}: a cell failed:\n{cell.source}') from shell.exc
     write_nb(nb, nb_path)
+    _record_machine(nb_path)   # training runs round differently on another CPU: its numbers are only comparable on this kind
     os.chdir(here)
     shutil.rmtree(work, ignore_errors=True)
 
