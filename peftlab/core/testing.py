@@ -40,7 +40,7 @@ def assert_close(actual:torch.Tensor,   # the tensor under test
     a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
     torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"{msg} {m}".strip())
 
-# %% ../../nbs/core/00_testing.ipynb #15f9dc5d
+# %% ../../nbs/core/00_testing.ipynb #dbddeb0d
 _svd = torch.linalg.svd
 
 def signed_svd(A:torch.Tensor, full_matrices:bool=True, **kwargs):
