@@ -131,12 +131,14 @@ def numbers(outputs):
     return res
 
 def shape(outputs):
-    "What a cell shows, without its values: each table's columns and row count, each stream's line count, each figure."
+    "What a cell shows, without its values: each table's columns and row count, each printed line count, each figure (not progress bars)."
     res = []
     for o in outputs:
-        if o.output_type == 'stream': res.append((o.name, len(o.text.splitlines())))
+        if o.output_type == 'stream':
+            if o.name == 'stdout': res.append((o.name, len(o.text.splitlines())))   # stderr: progress bars and warnings
         elif o.output_type in ('execute_result', 'display_data'):
             d = o.data
+            if 'application/vnd.jupyter.widget-view+json' in d: continue          # a progress bar drawn by the kernel
             if 'text/html' in d and '<table' in d['text/html']:
                 rows = _tables(d['text/html']); res.append(('table', tuple(rows[0]) if rows else (), len(rows)))
             else: res.append(tuple(sorted(d)))
@@ -157,6 +159,9 @@ def test_numbers_compare_to_the_precision_shown():
                                  '</tr><tr><th>lora</th><td>16384</td><td>1.97</td></tr></table>', 'text/plain': 'x'})
     assert numbers([out]) == [('row 0 trainable', '16384')]        # the timing column is left out
     assert shape([out]) == [('table', ('', 'trainable', 'sec_per_step'), 1)]
+    bar = [nbformat.v4.new_output('stream', name='stderr', text='fit: 100%|##########| 12/12\n'),
+           nbformat.v4.new_output('display_data', {'application/vnd.jupyter.widget-view+json': {}, 'text/plain': 'fit'})]
+    assert shape(bar + [out]) == shape([out])                        # progress bars, as a widget or as text, are not shown results
 
 @pytest.mark.parametrize('path', TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_reproduces_its_committed_numbers(path, jupyter_env, tmp_path):
