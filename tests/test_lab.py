@@ -2,7 +2,7 @@
 through a real kernel of that kind, as a reader's JupyterLab runs it; JupyterLab serves the notebooks and starts
 the kernel; and re-running a tutorial's default cells gives the numbers committed in it (on the kind of machine that
 stored them; elsewhere the same outputs)."""
-import json, os, re, secrets, socket, subprocess, sys, time, urllib.request
+import functools, json, os, re, secrets, socket, subprocess, sys, time, urllib.request
 from pathlib import Path
 import nbformat, pytest
 
@@ -85,7 +85,9 @@ def test_lab_serves_the_notebooks_and_starts_the_kernel(jupyter_env):
 TUTORIALS = sorted(p for p in (ROOT/'nbs'/'tutorials').glob('*.ipynb') if not p.name.startswith('_'))
 TIMING = re.compile(r'sec|time|\bms\b|_s$|per_s|speed|throughput|it/s|s/it|tok/s|elapsed|wall', re.I)
 
+@functools.cache
 def _docs():
+    "tools/docs.py as a module, loaded once."
     import importlib.util
     spec = importlib.util.spec_from_file_location('peftlab_docs', ROOT/'tools'/'docs.py')
     docs = importlib.util.module_from_spec(spec); spec.loader.exec_module(docs)

@@ -167,7 +167,8 @@ def _record_machine(nb_path:Path):
     f = nb_path.parent/MACHINES
     machines = json.loads(f.read_text()) if f.exists() else {}
     machines[nb_path.name] = float_machine()
-    f.write_text(json.dumps(dict(sorted(machines.items())), indent=1) + '\n')
+    tmp = f.with_suffix('.tmp'); tmp.write_text(json.dumps(dict(sorted(machines.items())), indent=1) + '\n')
+    tmp.replace(f)   # whole or not at all
 
 def store_outputs(nb_path:Path):
     "Run a notebook's default (non-slow) cells and write their outputs into it (the tutorials keep theirs), noting the machine."
