@@ -116,6 +116,15 @@ class Comparison:
         wide = pd.DataFrame({"run": [p[0] for p in split], "seed": [f"seed {p[1]}" for p in split], "v": values.values}).pivot(index="run", columns="seed", values="v").rename_axis(columns=None)
         return wide.assign(mean=wide.mean(axis=1), spread=wide.max(axis=1) - wide.min(axis=1)).loc[list(dict.fromkeys(p[0] for p in split))]
 
+    def claim_numbers(self, early:int=10)->dict:
+        "What a claim records from a seeded comparison: each run's held-out loss per seed, its mean loss over the first `early` steps and its trainable count."
+        held_out, start = self.by_seed("eval_loss"), self.by_seed(self.early_loss(early))
+        seeds = [c for c in held_out.columns if c.startswith("seed ")]
+        first = {k: self.table.loc[f"{k}, {seeds[0]}", "trainable"] for k in held_out.index}
+        return ({f"held-out loss, {k}, {s}": float(held_out.loc[k, s]) for k in held_out.index for s in seeds}
+                | {f"loss steps 1-{early}, {k}, mean": float(start.loc[k, "mean"]) for k in start.index}
+                | {f"trainable, {k}": int(v) for k, v in first.items()})
+
     @classmethod
     def read_json(cls, path:str|Path)->Comparison:
         "A `Comparison` from a file `to_json` wrote: the table and the curves, to read or plot again."
