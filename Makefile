@@ -58,7 +58,8 @@ bench-kernels: $(STAMP)
 	$(PY) kernels/bench.py
 
 # the long work of notebooks' `#| slow` cells, for real, writing the results their prose reads back:
-#   make slow NB="nbs/adapters/10_ssf.ipynb nbs/adapters/52_velora_monteclora.ipynb:0"   (`python tools/slow.py --list`: what is not run yet)
+#   make slow NB="nbs/adapters/10_ssf.ipynb nbs/adapters/52_velora_monteclora.ipynb:0"   (only cells not recorded yet, unless named with :i;
+#   `python tools/slow.py --list`: what is not run yet; `python tools/slow.py --all NB`: recorded cells again)
 slow: $(STAMP)
 	$(KEEP_HEAP) $(PY) tools/slow.py $(NB)
 

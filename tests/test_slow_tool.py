@@ -50,3 +50,23 @@ def test_lists_what_is_not_run_yet():
     pending = [p.relative_to(ROOT).as_posix() for p in slow.pending()]
     assert all(p.startswith("nbs/") and p.endswith(".ipynb") for p in pending)
     assert "nbs/adapters/01_dora.ipynb" not in pending   # its SmolLM2 results are recorded
+
+RECORDED_CELL = ('#| slow\nfrom peftlab.core.slow import run_slow\nimport json\nRESULTS = "{out}"\n'
+                 'def long_run():\n    open(RESULTS, "w").write(json.dumps(dict(x=BASE + {k}))); return {k}\n'
+                 'run_slow(long_run, results=RESULTS)')
+
+def test_runs_only_what_is_not_recorded_unless_asked(tmp_path):
+    nb = notebook(tmp_path/"mixed.ipynb", ["BASE = 40", RECORDED_CELL.format(out="kept.json", k=1), SLOW_CELL.format(out="new.json", k=2),
+                                           RECORDED_CELL.format(out="missing.json", k=3)])
+    (tmp_path/"kept.json").write_text('{"x": 0}')                          # recorded: its file is there
+    assert slow.pending_cells(nb) == {1, 2}                                 # "not run yet", and a results file not written
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT/"tools"/"slow.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    proc = run(str(nb))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path/"kept.json").read_text()) == dict(x=0)      # the recorded numbers stay as they were
+    assert json.loads((tmp_path/"new.json").read_text()) == dict(x=42) and json.loads((tmp_path/"missing.json").read_text()) == dict(x=43)
+    (tmp_path/"new.json").unlink()
+    notebook(nb, ["BASE = 40", RECORDED_CELL.format(out="kept.json", k=1), RECORDED_CELL.format(out="missing.json", k=3)])
+    proc = run(str(nb))
+    assert proc.returncode != 0 and "every slow cell has its results recorded" in proc.stderr and "--all" in proc.stderr
+    assert run("--all", str(nb)).returncode == 0 and json.loads((tmp_path/"kept.json").read_text()) == dict(x=41)   # --all: again
