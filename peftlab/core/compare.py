@@ -116,9 +116,12 @@ class Comparison:
         wide = pd.DataFrame({"run": [p[0] for p in split], "seed": [f"seed {p[1]}" for p in split], "v": values.values}).pivot(index="run", columns="seed", values="v").rename_axis(columns=None)
         return wide.assign(mean=wide.mean(axis=1), spread=wide.max(axis=1) - wide.min(axis=1)).loc[list(dict.fromkeys(p[0] for p in split))]
 
-    def claim_numbers(self, early:int=10)->dict:
-        "What a claim records from a seeded comparison: each run's held-out loss per seed, its mean loss over the first `early` steps and its trainable count."
+    def claim_numbers(self, early:int=10, runs:list[str]|None=None)->dict:
+        "What a claim records from a seeded comparison: each run's held-out loss per seed, its mean loss over the first `early` steps and its trainable count (of `runs` only, when given)."
         held_out, start = self.by_seed("eval_loss"), self.by_seed(self.early_loss(early))
+        if runs is not None:
+            if unknown := [r for r in runs if r not in held_out.index]: raise KeyError(f"no run labelled {unknown[0]!r}: the runs are {list(held_out.index)}")
+            held_out, start = held_out.loc[list(runs)], start.loc[list(runs)]
         seeds = [c for c in held_out.columns if c.startswith("seed ")]
         first = {k: self.table.loc[f"{k}, {seeds[0]}", "trainable"] for k in held_out.index}
         return ({f"held-out loss, {k}, {s}": float(held_out.loc[k, s]) for k in held_out.index for s in seeds}
