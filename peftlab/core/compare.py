@@ -120,6 +120,7 @@ class Comparison:
         "What a claim records from a seeded comparison: each run's held-out loss per seed, its mean loss over the first `early` steps and its trainable count (of `runs` only, when given)."
         held_out, start = self.by_seed("eval_loss"), self.by_seed(self.early_loss(early))
         if runs is not None:
+            if isinstance(runs, str) or not isinstance(runs, (list, tuple)): raise TypeError(f"claim_numbers' runs= takes a list of run labels, e.g. ['lora r=8'], not {runs!r}")
             if unknown := [r for r in runs if r not in held_out.index]: raise KeyError(f"no run labelled {unknown[0]!r}: the runs are {list(held_out.index)}")
             held_out, start = held_out.loc[list(runs)], start.loc[list(runs)]
         seeds = [c for c in held_out.columns if c.startswith("seed ")]
